@@ -1,0 +1,207 @@
+"""Thin click commands over the indexer API: parse, call one function, print.
+
+Nothing heavy is imported at module level, so `actindex --help` answers at once; torch and h5py load when a
+command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+class ActindexGroup(click.Group):
+    """A group whose commands turn user errors into one line and a non-zero exit (a traceback with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug")) or os.environ.get("ACTINDEX_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Interrupted; nothing was written at the output path.", err=True)
+            sys.exit(130)
+        except Exception as error:  # noqa: BLE001 - the one place where every failure becomes a message
+            from .errors import UserError
+
+            if debug:
+                traceback.print_exc()
+            elif isinstance(error, UserError):
+                click.echo(f"Error: {error}", err=True)
+            else:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                click.echo(f"Error: {type(error).__name__}: {first} (rerun with --debug for the traceback)",
+                           err=True)
+            sys.exit(1)
+
+
+def debug_option(function: Any) -> Any:
+    return click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")(function)
+
+
+def _floats3(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("give three comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+    if len(numbers) != 3:
+        raise click.BadParameter(f"give three comma-separated numbers (R,G,B), got {len(numbers)}")
+    return numbers
+
+
+def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    return names or None
+
+
+@click.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--model", required=True, help="torchvision name (resnet18), timm:NAME, or package.module:factory.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Index file to write (.h5).")
+@click.option("--weights", help="Weights enum name (DEFAULT, IMAGENET1K_V1) or a state-dict file. "
+                                "Default: random initialisation.")
+@click.option("--layers", callback=_names, help="Comma-separated layer names. Default: the model's main stages "
+                                                 "(see 'actindex layers').")
+@click.option("--k", default=9, show_default=True, type=int, help="Images kept per unit.")
+@click.option("--input-size", default=224, show_default=True, type=int,
+              help="Network input size; images are resized to size·256/224 and centre-cropped.")
+@click.option("--mean", callback=_floats3, help="R,G,B mean. Default: the weights' own, else ImageNet's.")
+@click.option("--std", callback=_floats3, help="R,G,B std. Default: the weights' own, else ImageNet's.")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=int,
+              help="Image decoding processes.")
+@click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
+@click.option("--embed-layer", help="Layer whose spatial mean is stored per image. Default: the last indexed "
+                                     "layer; '' for none.")
+@click.option("--max-pixels", type=int, help="Skip images with more pixels than this (decompression bombs).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing index at --out.")
+def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[str, ...] | None, k: int,
+          input_size: int, mean: tuple[float, float, float] | None, std: tuple[float, float, float] | None,
+          batch_size: int, workers: int, device: str | None, embed_layer: str | None, max_pixels: int | None,
+          overwrite: bool) -> None:
+    """Index the images under DATA: every unit's top-k images, positions and receptive-field boxes."""
+    from .build import BuildConfig, build_index
+    from .images import DEFAULT_MAX_PIXELS
+
+    config = BuildConfig(data=data, model=model, out=out, weights=weights, layers=layers, k=k,
+                         input_size=input_size, mean=mean, std=std, batch_size=batch_size, workers=workers,
+                         device=device, embed_layer=embed_layer, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                         overwrite=overwrite)
+    summary = build_index(config, progress=TqdmProgress)
+    click.echo(f"Indexed {summary.indexed} of {summary.num_images} images ({summary.skipped} skipped) in "
+               f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {summary.device}")
+    click.echo(f"Layers: {', '.join(summary.layers)}; embeddings: {summary.embed_layer or 'none'}")
+    if summary.skipped:
+        click.echo(f"Skipped files are listed by 'actindex info {summary.out}'")
+    click.echo(f"Wrote {summary.out}")
+
+
+class TqdmProgress:
+    """A progress bar on stderr with images/s and ETA."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.skipped = 0
+        self.bar = tqdm(total=total, unit="img", desc="indexing", file=sys.stderr, dynamic_ncols=True,
+                        smoothing=0.1)
+
+    def update(self, images: int, skipped: int) -> None:
+        if skipped:
+            self.skipped += skipped
+            self.bar.set_postfix(skipped=self.skipped, refresh=False)
+        self.bar.update(images)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@click.command()
+@click.option("--model", required=True, help="torchvision name, timm:NAME, or package.module:factory.")
+@click.option("--weights", help="Weights enum name or state-dict file (changes nothing in the geometry).")
+@click.option("--input-size", default=224, show_default=True, type=int)
+@click.option("--all", "show_all", is_flag=True, help="Also list modules that do not run or have no field.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def layers(model: str, weights: str | None, input_size: int, show_all: bool, as_json: bool) -> None:
+    """List a model's addressable layers: channels, feature-map size, receptive field (* = default)."""
+    from .layers import layer_table
+
+    rows, defaults = layer_table(model, weights, input_size)
+    if not show_all:
+        rows = [row for row in rows if row["rf_size"] is not None]
+    if as_json:
+        click.echo(json.dumps({"model": model, "input_size": input_size, "default": defaults, "layers": rows},
+                              indent=2))
+        return
+    width = max([len(r["name"]) for r in rows] + [5])
+    click.echo(f"  {'layer':<{width}}  {'type':<20} {'channels':>8} {'size':>9} {'rf size':>9} {'stride':>7} "
+               f"{'padding':>9}")
+    for r in rows:
+        mark = "*" if r["name"] in defaults else " "
+        size = f"{r['height']}x{r['width']}" if r["height"] is not None else "-"
+        rf = "x".join(map(str, r["rf_size"])) if r["rf_size"] else "-"
+        stride = "x".join(map(str, r["rf_stride"])) if r["rf_stride"] else "-"
+        padding = "x".join(map(str, r["rf_padding"])) if r["rf_padding"] else (r["note"] or "-")
+        click.echo(f"{mark} {r['name']:<{width}}  {r['type']:<20} {r['channels'] or '-':>8} {size:>9} {rf:>9} "
+                   f"{stride:>7} {padding:>9}")
+    click.echo(f"* default layers: {','.join(defaults)}")
+
+
+@click.command()
+@click.argument("index", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(index: Path, as_json: bool) -> None:
+    """Describe an index: model, data, layers, receptive fields, skipped files."""
+    from .index_file import IndexReader
+
+    with IndexReader(index) as reader:
+        summary = reader.describe()
+        skipped = reader.skipped()
+    summary["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{summary['path']}: actindex format {summary['format_version']}")
+    click.echo(f"  model {summary['model']}, weights {summary['weights'] or '(random init)'}, "
+               f"input {summary['input_size']} px, k = {summary['k']}")
+    click.echo(f"  data {summary['data_root']}: {summary['num_images']} images, {summary['num_skipped']} skipped")
+    build_info = summary["build"]
+    if build_info:
+        click.echo(f"  built {build_info.get('created', '?')} on {build_info.get('device', '?')} in "
+                   f"{build_info.get('seconds', 0):.1f} s ({build_info.get('images_per_second', 0):.1f} images/s)")
+    for layer in summary["layers"]:
+        click.echo(f"  layer {layer['name']}: {layer['channels']} channels, {layer['height']}x{layer['width']}, "
+                   f"receptive field {_yx(layer['rf_size'])} stride {_yx(layer['rf_stride'])} "
+                   f"padding {_yx(layer['rf_padding'])}")
+    for name, shape in summary["embeddings"].items():
+        click.echo(f"  embeddings {name}: {shape[0]} x {shape[1]}")
+    for item in summary["skipped"]:
+        click.echo(f"  skipped {item['path']}: {item['reason']}")
+
+
+def _yx(pair: list[int]) -> str:
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+
+
+COMMANDS = {"build": build, "layers": layers, "info": info}
+
+
+@click.group(cls=ActindexGroup, commands=COMMANDS)
+@debug_option
+def cli(debug: bool) -> None:
+    """actindex indexer: build and inspect activation indexes (usable under torchrun)."""
+
+
+def main() -> None:
+    cli(prog_name="python -m actindex.indexer")

@@ -1,0 +1,23 @@
+"""Errors a user can fix. The CLI prints their message on one line and exits non-zero, without a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """Bad input: the message says what is wrong and what to do."""
+
+
+def not_found(kind: str, name: str, valid: Iterable[str], hint: str = "", limit: int = 100) -> UserError:
+    """'unknown layer 'x'; did you mean …? valid layers: a, b, c' — long lists are cut after `limit`."""
+    names = list(valid)
+    message = f"unknown {kind} '{name}'"
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    if close:
+        message += f"; did you mean {', '.join(close)}?"
+    if names:
+        shown = ", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+        message += f" valid {kind}s: {shown}"
+    return UserError(message + (f". {hint}" if hint else ""))

