@@ -21,7 +21,7 @@ from actindex.kernels.topk import TopKResult
 
 from .accumulate import IndexAccumulator
 from .errors import UserError, not_found
-from .images import DEFAULT_MAX_PIXELS, ImageDataset, ImageList, collate, scan_folder
+from .images import DEFAULT_MAX_PIXELS, ImageDataset, ImageList, scan_folder
 from .index_file import IndexWriter, LayerHits, atomic_output, check_output
 from .layers import addressable_layers, resolve_layers
 from .models import LoadedModel, load_model
@@ -174,7 +174,7 @@ def _stream(plan: _Plan, accumulator: IndexAccumulator, writer: IndexWriter, bar
     n = len(plan.images.paths)
     dataset = ImageDataset(plan.images.root, plan.images.paths, range(n), config.input_size, config.max_pixels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
-                                         num_workers=config.workers, collate_fn=collate,
+                                         num_workers=config.workers, collate_fn=dataset.collate_fn,
                                          pin_memory=plan.device.type == "cuda",
                                          prefetch_factor=4 if config.workers > 0 else None)
     embeddings = None

@@ -34,7 +34,10 @@ def resolve_layers(model: nn.Module, requested: Sequence[str] | None, input_size
                 raise not_found("layer", name, names, hint="run 'actindex layers --model …' to see them all")
         if len(set(requested)) != len(requested):
             raise UserError(f"layers listed twice in --layers: {', '.join(requested)}")
-        geometry = trace_geometry(model, input_size, list(requested), device=device)
+        try:
+            geometry = trace_geometry(model, input_size, list(requested), device=device)
+        except ValueError as error:  # a requested module that never runs in the forward pass
+            raise UserError(f"{error}; choose layers that run (see 'actindex layers --model …')") from error
     else:
         geometry = all_geometry(model, input_size, device)
         chosen = default_layers(model, geometry)
@@ -43,9 +46,6 @@ def resolve_layers(model: nn.Module, requested: Sequence[str] | None, input_size
     if missing:
         name = missing[0]
         raise UserError(f"layer '{name}' has no receptive field ({geometry[name].note}); choose another layer")
-    not_run = [name for name in (requested or []) if name not in geometry]
-    if not_run:
-        raise UserError(f"layer '{not_run[0]}' does not run in the forward pass; choose another layer")
     return geometry
 
 

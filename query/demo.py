@@ -18,7 +18,10 @@ import numpy as np
 from actindex.indexer.errors import UserError
 
 MODEL = "timm:efficientnet_lite0"
-EXTRA_LAYERS = ("classifier",)  # class logits: "which images does the network find most cat-like?"
+# The network's default stages ('actindex layers --model timm:efficientnet_lite0'), plus the class logits:
+# "which images does the network find most cat-like?"
+LAYERS = ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "conv_head", "classifier")
+LOGIT_LAYER = "classifier"
 EMBED_LAYER = "bn2"  # the pooled features the classifier reads
 PHOTOS = ("astronaut", "camera", "chelsea", "clock", "coffee", "coins", "colorwheel", "hubble_deep_field",
           "immunohistochemistry", "logo", "moon", "page", "retina", "rocket", "brick", "grass", "gravel",
@@ -103,18 +106,14 @@ def run_demo(out: Path, images_per_photo: int = 16, workers: int = 2, device: st
              overwrite: bool = True, echo: Echo = print) -> Path:
     """Prepare weights and photos, build the index, print a short tour. Returns the index path."""
     from actindex.indexer.build import BuildConfig, build_index
-    from actindex.indexer.layers import resolve_layers
-    from actindex.indexer.models import load_model
 
     out = Path(out)
     weights = demo_weights(out)
     images = demo_images(out / "images", images_per_photo)
     index = out / "index.h5"
     echo(f"Demo: {MODEL} with ImageNet weights ({weights}), photos in {images}")
-    loaded = load_model(MODEL, str(weights))
-    stages = list(resolve_layers(loaded.module, None, 224))
-    config = BuildConfig(data=images, model=MODEL, out=index, weights=str(weights),
-                         layers=tuple(stages) + EXTRA_LAYERS, embed_layer=EMBED_LAYER, batch_size=32,
+    config = BuildConfig(data=images, model=MODEL, out=index, weights=str(weights), layers=LAYERS,
+                         embed_layer=EMBED_LAYER, batch_size=32,
                          workers=workers, device=device, overwrite=overwrite)
     if overwrite or not index.exists():
         from actindex.indexer.cli import TqdmProgress
@@ -133,14 +132,14 @@ def tour(index: Path, echo: Echo = print) -> None:
     with IndexReader(index) as reader:
         paths = reader.image_paths()
         categories = _imagenet_categories()
-        logits = reader.layer("classifier")
+        logits = reader.layer(LOGIT_LAYER)
         echo("\nWhich images excite the class units most (top 3 of the 'classifier' layer):")
         for unit in (285, 967, 417, 812):  # Egyptian cat, espresso, balloon, space shuttle
             hits = [f"{paths[i]} ({v:.1f})" for i, v in zip(logits.image[unit][:3], logits.value[unit][:3],
                                                             strict=True) if i >= 0]
             echo(f"  class {unit} {categories[unit]!r}: {', '.join(hits)}")
         for name in reader.layer_names:
-            if name in EXTRA_LAYERS:
+            if name == LOGIT_LAYER:
                 continue
             layer = reader.layer(name)
             echo(f"\nLayer {name}: {layer.channels} units, receptive field {layer.rf_size[0]} px, "

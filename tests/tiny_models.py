@@ -51,3 +51,13 @@ def tiny_net() -> nn.Module:
 
 def not_a_module() -> object:
     return object()
+
+
+class WithUnused(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Conv2d(3, 4, 3)
+
+
+def with_unused() -> nn.Module:
+    return WithUnused()
