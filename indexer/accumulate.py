@@ -55,6 +55,8 @@ class IndexAccumulator:
         """
         if ids.numel() == 0:
             return None
+        if self.device.type == "cuda" and not ids.is_pinned():
+            ids = ids.pin_memory()  # a copy from pageable memory would wait for the whole queue
         self._ids = ids.to(self.device, non_blocking=True)
         self._embedding = None
         names = self.layers + ([self.embed_layer] if self.embed_layer and self.embed_layer not in self.topk else [])

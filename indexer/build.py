@@ -181,7 +181,7 @@ def _stream(plan: _Plan, accumulator: IndexAccumulator, writer: IndexWriter, bar
     if plan.embed_layer is not None:
         dim = _embedding_dim(plan)
         embeddings = writer.create_embeddings(plan.embed_layer, n, dim)
-    sink = _RowSink(embeddings)
+    sink = RowSink(embeddings)
     skipped: list[tuple[int, str]] = []
     start = 0  # the loader yields batches in id order: this batch covers ids [start, start + len)
     for batch in loader:
@@ -206,10 +206,13 @@ def _embedding_dim(plan: _Plan) -> int:
     return geometry[plan.embed_layer].channels
 
 
-class _RowSink:
-    """Writes each batch's embedding rows one batch late, so the device→host copy overlaps the next batch."""
+class RowSink:
+    """Writes each batch's embedding rows one batch late, so the device→host copy overlaps the next batch.
 
-    def __init__(self, dataset: h5py.Dataset | None) -> None:
+    `dataset` is anything with `.shape` and slice assignment: an (N, D) h5py dataset, or a numpy array.
+    """
+
+    def __init__(self, dataset: h5py.Dataset | np.ndarray | None) -> None:
         self.dataset = dataset
         self.pending: tuple[int, int, torch.Tensor, torch.Tensor, torch.cuda.Event | None] | None = None
 

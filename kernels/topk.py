@@ -53,38 +53,72 @@ class RunningTopK:
 
     State is O(C·k) whatever the number of entries added. `add` takes one batch of per-image scores,
     `merge` folds in another accumulator (another rank, another shard); both are exact.
+
+    As netdissect's RunningTopK does, batches are first copied into a buffer of a few batches' width and
+    compacted with one `topk` when it is full: on a GPU a merge is a dozen small kernels, and paying
+    them once per few batches instead of once per batch keeps the indexing cost small against the
+    forward pass. The buffer holds `buffer_batches` batches of the first batch's size (at least k).
     """
 
-    def __init__(self, channels: int, k: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, channels: int, k: int, device: torch.device | str = "cpu", buffer_batches: int = 4) -> None:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         self.channels = channels
         self.k = k
+        self.buffer_batches = buffer_batches
         self.keys = torch.full((channels, k), _EMPTY_KEY, dtype=torch.int64, device=device)
         self.values = torch.full((channels, k), float("nan"), dtype=torch.float32, device=device)
         self.ids = torch.full((channels, k), -1, dtype=torch.int64, device=device)
         self.positions = torch.full((channels, k), -1, dtype=torch.int64, device=device)
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (C, width) each
+        self._filled = 0
 
     @property
     def device(self) -> torch.device:
         return self.keys.device
 
     def add(self, values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> None:
-        """Merge one batch: values (B, C) scores, ids (B,) global image ids, positions (B, C) flat indices."""
+        """Add one batch: values (B, C) scores, ids (B,) global image ids, positions (B, C) flat indices."""
         if values.ndim != 2 or values.shape[1] != self.channels:
             raise ValueError(f"expected values of shape (B, {self.channels}), got {tuple(values.shape)}")
-        if values.shape[0] == 0:
+        batch = values.shape[0]
+        if batch == 0:
             return
-        values_t = values.t().float()  # (C, B)
-        ids_t = ids.to(self.device, torch.int64).expand(self.channels, -1)  # (C, B)
-        self._merge(values_t, ids_t, positions.t().to(torch.int64))
+        if self._pending is None:
+            width = max(self.buffer_batches * batch, self.k)
+            self._pending = (torch.empty((self.channels, width), dtype=torch.float32, device=self.device),
+                             torch.empty((self.channels, width), dtype=torch.int64, device=self.device),
+                             torch.empty((self.channels, width), dtype=torch.int64, device=self.device))
+        width = self._pending[0].shape[1]
+        if self._filled + batch > width:
+            self._compact()
+        ids = ids.to(self.device, torch.int64, non_blocking=True)
+        if batch > width:  # a batch larger than the buffer: merge it directly
+            self._merge(values.t().float(), ids.expand(self.channels, -1), positions.t().to(torch.int64))
+            return
+        end = self._filled + batch
+        buffer_values, buffer_ids, buffer_positions = self._pending
+        buffer_values[:, self._filled:end] = values.t()  # (C, B)
+        buffer_ids[:, self._filled:end] = ids  # (B,) broadcast over channels
+        buffer_positions[:, self._filled:end] = positions.t()
+        self._filled = end
 
     def merge(self, other: RunningTopK) -> None:
         """Fold in another accumulator over disjoint ids; the result equals one pass over both inputs."""
         if (other.channels, other.k) != (self.channels, self.k):
             raise ValueError(f"cannot merge top-k of shape {(other.channels, other.k)} into "
                              f"{(self.channels, self.k)}")
+        self._compact()
+        other._compact()
         self._merge(other.values.to(self.device), other.ids.to(self.device), other.positions.to(self.device))
+
+    def _compact(self) -> None:
+        """Merge the buffered batches into the top-k state and empty the buffer."""
+        if self._pending is None or self._filled == 0:
+            return
+        values, ids, positions = (t[:, :self._filled] for t in self._pending)
+        self._merge(values, ids, positions)
+        self._filled = 0
 
     def _merge(self, values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> None:
         # values, ids, positions: (C, n) candidates
@@ -98,6 +132,7 @@ class RunningTopK:
         self.positions = all_positions.gather(1, index)
 
     def result(self) -> TopKResult:
+        self._compact()
         empty = self.ids < 0
         return TopKResult(
             values=self.values.masked_fill(empty, float("nan")),
@@ -106,6 +141,8 @@ class RunningTopK:
         )
 
     def to_(self, device: torch.device | str) -> RunningTopK:
+        self._compact()
+        self._pending = None
         self.keys, self.values, self.ids, self.positions = (
             t.to(device) for t in (self.keys, self.values, self.ids, self.positions)
         )
@@ -113,6 +150,7 @@ class RunningTopK:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain named tensors (safetensors-compatible); keys are derived, not stored."""
+        self._compact()
         return {"values": self.values.cpu(), "ids": self.ids.cpu(), "positions": self.positions.cpu()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -124,3 +162,4 @@ class RunningTopK:
         self.ids = state["ids"].to(self.device, torch.int64)
         self.positions = state["positions"].to(self.device, torch.int64)
         self.keys = pack_keys(self.values, self.ids)
+        self._filled = 0

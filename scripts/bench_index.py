@@ -36,6 +36,7 @@ import torchvision
 from torch import nn
 
 from actindex.indexer.accumulate import IndexAccumulator
+from actindex.indexer.build import RowSink
 from actindex.indexer.layers import resolve_layers
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
 
@@ -68,15 +69,17 @@ class Bare:
 class Ours:
     """(b) actindex's indexing step: running top-k on every layer plus the embedding fetched to the host."""
 
-    def __init__(self, model: nn.Module, device: torch.device, channels: dict[str, int], k: int) -> None:
-        self.acc = IndexAccumulator(model, channels, k, IMAGENET_MEAN, IMAGENET_STD, list(channels)[-1], device)
+    def __init__(self, model: nn.Module, device: torch.device, channels: dict[str, int], k: int, images: int) -> None:
+        embed = list(channels)[-1]
+        self.acc = IndexAccumulator(model, channels, k, IMAGENET_MEAN, IMAGENET_STD, embed, device)
+        self.rows = RowSink(np.empty((images, channels[embed]), dtype=np.float32))
 
     def step(self, pixels: torch.Tensor, ids: torch.Tensor) -> None:
-        embedding = self.acc.add_batch(pixels, ids)
-        assert embedding is not None
-        embedding.to("cpu")  # what the build writes to HDF5 per batch
+        # As the build does: embeddings go to host memory, copied while the next batch runs.
+        self.rows.push(int(ids[0]), len(ids), ids, self.acc.add_batch(pixels, ids))
 
     def finish(self) -> int:
+        self.rows.flush()
         results = self.acc.results()
         return sum(t.numel() * t.element_size() for r in results.values()
                    for t in (r.values, r.ids, r.positions))
@@ -118,11 +121,12 @@ def make_model(name: str, device: torch.device) -> nn.Module:
     return torchvision.models.get_model(name, weights=None).eval().to(device)
 
 
-def make_variant(kind: str, model: nn.Module, device: torch.device, channels: dict[str, int], k: int):  # noqa: ANN201
+def make_variant(kind: str, model: nn.Module, device: torch.device, channels: dict[str, int], k: int,  # noqa: ANN201
+                 images: int):
     if kind == "forward":
         return Bare(model, device)
     if kind == "actindex":
-        return Ours(model, device, channels, k)
+        return Ours(model, device, channels, k, images)
     return Naive(model, device, list(channels), k)
 
 
@@ -131,9 +135,10 @@ def batches(n_batches: int, batch_size: int, size: int, device: torch.device) ->
     out = []
     for b in range(n_batches):
         pixels = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
-        if device.type == "cuda":
-            pixels = pixels.pin_memory()
-        out.append((pixels, torch.arange(b * batch_size, (b + 1) * batch_size)))
+        ids = torch.arange(b * batch_size, (b + 1) * batch_size)
+        if device.type == "cuda":  # as the build's DataLoader(pin_memory=True) delivers them
+            pixels, ids = pixels.pin_memory(), ids.pin_memory()
+        out.append((pixels, ids))
     return out
 
 
@@ -142,9 +147,10 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, floa
     geometry = resolve_layers(model, args.layers.split(","), args.input_size, device)
     channels = {name: g.channels for name, g in geometry.items()}
     data = batches(args.batches, args.batch_size, args.input_size, device)
-    variants = {kind: make_variant(kind, model, device, channels, args.k) for kind in ("forward", "actindex")}
+    images = args.batches * args.batch_size
+    variants = {kind: make_variant(kind, model, device, channels, args.k, images) for kind in ("forward", "actindex")}
     # The naive variant's hooks stay registered for its lifetime, so it gets its own copy of the model.
-    variants["naive"] = make_variant("naive", make_model(args.model, device), device, channels, args.k)
+    variants["naive"] = make_variant("naive", make_model(args.model, device), device, channels, args.k, images)
     times: dict[str, list[float]] = {kind: [] for kind in ("forward", "actindex", "naive")}
     for round_ in range(args.rounds + 1):  # round 0 warms up (cudnn autotuning, allocator)
         for kind in ("forward", "actindex", "naive"):
@@ -157,7 +163,6 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, floa
             sync(device)
             if round_:
                 times[kind].append(time.perf_counter() - start)
-    images = args.batches * args.batch_size
     return {kind: images / statistics.median(t) for kind, t in times.items()}
 
 
@@ -174,7 +179,7 @@ def run_child(args: argparse.Namespace, device: torch.device) -> None:
     model = make_model(args.model, device)
     geometry = resolve_layers(model, args.layers.split(","), args.input_size, device)
     channels = {name: g.channels for name, g in geometry.items()}
-    variant = make_variant(args.child, model, device, channels, args.k)
+    variant = make_variant(args.child, model, device, channels, args.k, args.child_images)
     pixels = torch.randint(0, 256, (args.batch_size, 3, args.input_size, args.input_size), dtype=torch.uint8)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -129,3 +129,17 @@ def test_spatial_max_takes_the_first_maximum_in_row_major_order() -> None:
 def test_k_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="k must be at least 1"):
         RunningTopK(3, 0)
+
+
+def test_irregular_batches_and_batches_larger_than_the_buffer() -> None:
+    torch.manual_seed(3)
+    values, positions = torch.randint(0, 5, (400, 6)).float(), torch.randint(0, 30, (400, 6))
+    acc, start = RunningTopK(6, 9, buffer_batches=2), 0
+    for size in (1, 3, 50, 2, 200, 7, 0, 137):  # the buffer is sized by the first batch: max(2·1, k) columns
+        ids = torch.arange(start, start + size)
+        acc.add(values[ids], ids, positions[ids])
+        start += size
+    expected_values, expected_ids = lexsort_reference(values.numpy(), 9)
+    result = acc.result()
+    assert np.array_equal(result.ids.numpy(), expected_ids)
+    assert np.array_equal(result.positions.numpy(), np.take_along_axis(positions.t().numpy(), expected_ids, 1))
