@@ -18,6 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy kernels indexer query
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

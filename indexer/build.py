@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import h5py
 import numpy as np
@@ -26,14 +27,22 @@ from .index_file import IndexWriter, LayerHits, atomic_output, check_output
 from .layers import addressable_layers, resolve_layers
 from .models import LoadedModel, load_model
 
-ProgressFactory = Callable[[int], "Progress"]
 
-
-class Progress:
+class Progress(Protocol):
     """What the build reports as it goes; the CLI plugs in a tqdm bar, the library default is silent."""
 
     def update(self, images: int, skipped: int) -> None:
         """`images` more images were handled, `skipped` of them could not be read."""
+
+    def close(self) -> None: ...
+
+
+ProgressFactory = Callable[[int], Progress]  # called with the number of images
+
+
+class _Silent:
+    def update(self, images: int, skipped: int) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -154,7 +163,7 @@ def build_index(config: BuildConfig, progress: ProgressFactory | None = None) ->
         writer.write_images(plan.images.paths, plan.images.labels, plan.images.classes)
         accumulator = IndexAccumulator(plan.loaded.module, {n: g.channels for n, g in plan.geometry.items()},
                                        config.k, plan.mean, plan.std, plan.embed_layer, plan.device)
-        bar = (progress or (lambda total: Progress()))(len(plan.images.paths))
+        bar = (progress or (lambda total: _Silent()))(len(plan.images.paths))
         try:
             skipped = _stream(plan, accumulator, writer, bar)
         finally:

@@ -150,9 +150,9 @@ def layers(model: str, weights: str | None, input_size: int, show_all: bool, as_
     for r in rows:
         mark = "*" if r["name"] in defaults else " "
         size = f"{r['height']}x{r['width']}" if r["height"] is not None else "-"
-        rf = "x".join(map(str, r["rf_size"])) if r["rf_size"] else "-"
-        stride = "x".join(map(str, r["rf_stride"])) if r["rf_stride"] else "-"
-        padding = "x".join(map(str, r["rf_padding"])) if r["rf_padding"] else (r["note"] or "-")
+        rf = _yx(r["rf_size"]) if r["rf_size"] else "-"
+        stride = _yx(r["rf_stride"]) if r["rf_stride"] else "-"
+        padding = _yx(r["rf_padding"]) if r["rf_padding"] else (r["note"] or "-")
         click.echo(f"{mark} {r['name']:<{width}}  {r['type']:<20} {r['channels'] or '-':>8} {size:>9} {rf:>9} "
                    f"{stride:>7} {padding:>9}")
     click.echo(f"* default layers: {','.join(defaults)}")

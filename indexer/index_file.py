@@ -201,9 +201,9 @@ class IndexReader:
                            "width": int(a["width"]), "rf_size": list(_pair(a["rf_size"])),
                            "rf_stride": list(_pair(a["rf_stride"])), "rf_padding": list(_pair(a["rf_padding"])),
                            "k": int(value.shape[1])})
-        summary = {key: attrs[key] for key in ("format", "format_version", "model", "weights", "input_size",
-                                                "mean", "std", "k", "data_root", "num_images", "num_skipped")
-                   if key in attrs}
+        keys = ("format", "format_version", "model", "weights", "input_size", "mean", "std", "k", "data_root",
+                "num_images", "num_skipped")
+        summary: dict[str, Any] = {key: attrs[key] for key in keys if key in attrs}
         summary["path"] = str(self.path)
         summary["layers"] = layers
         summary["embeddings"] = {name: list(self.h5[f"embeddings/{name}"].shape) for name in self.embedding_names}

@@ -113,7 +113,7 @@ def _timm_model(name: str, weights: str) -> LoadedModel:
     cfg = getattr(module, "pretrained_cfg", {}) or {}
     mean = tuple(cfg.get("mean", IMAGENET_MEAN))
     std = tuple(cfg.get("std", IMAGENET_STD))
-    return LoadedModel(module, name, f"timm:{name}" if pretrained else "", "", mean, std)  # type: ignore[arg-type]
+    return LoadedModel(module, name, f"timm:{name}" if pretrained else "", "", mean, std)
 
 
 def _custom_model(spec: str) -> LoadedModel:

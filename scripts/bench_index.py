@@ -175,6 +175,14 @@ def child_memory(args: argparse.Namespace, kind: str, n_images: int) -> dict[str
     return json.loads(output.strip().splitlines()[-1])
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. Not ru_maxrss: Linux carries the parent's peak across fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
+
+
 def run_child(args: argparse.Namespace, device: torch.device) -> None:
     model = make_model(args.model, device)
     geometry = resolve_layers(model, args.layers.split(","), args.input_size, device)
@@ -187,7 +195,7 @@ def run_child(args: argparse.Namespace, device: torch.device) -> None:
         variant.step(pixels, torch.arange(b * args.batch_size, (b + 1) * args.batch_size))
     kept = variant.finish()
     sync(device)
-    result = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "kept_bytes": kept}
+    result = {"peak_rss_mb": peak_rss_mb(), "kept_bytes": kept}
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     print(json.dumps(result))
@@ -241,7 +249,7 @@ def main() -> None:
     parser.add_argument("--layers", default=LAYERS)
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=2, help="in-memory batches per timed round")
+    parser.add_argument("--batches", type=int, default=4, help="in-memory batches per timed round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--k", type=int, default=9)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
