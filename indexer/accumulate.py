@@ -71,6 +71,26 @@ class IndexAccumulator:
             topk.merge(other.topk[name])
         self.images_seen += other.images_seen
 
+    def flat_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's top-k state in two flat tensors on the device, for one collective each:
+        float32 values (sum of C·k) and int64 ids then positions (2 · sum of C·k)."""
+        states = [topk.state() for topk in self.topk.values()]
+        values = torch.cat([v.flatten() for v, _, _ in states])
+        integers = torch.cat([i.flatten() for _, i, _ in states] + [p.flatten() for _, _, p in states])
+        return values, integers
+
+    def merge_flat(self, values: torch.Tensor, integers: torch.Tensor) -> None:
+        """Fold in another accumulator's `flat_state()` (disjoint images); exact."""
+        ids, positions = integers.chunk(2)
+        offset = 0
+        for topk in self.topk.values():
+            size = topk.channels * topk.k
+            other = RunningTopK(topk.channels, topk.k, topk.device)
+            other.load_state_dict({name: t[offset:offset + size].view(topk.channels, topk.k) for name, t in
+                                   (("values", values), ("ids", ids), ("positions", positions))})
+            topk.merge(other)
+            offset += size
+
     def results(self) -> dict[str, TopKResult]:
         return {name: topk.result() for name, topk in self.topk.items()}
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import os
+import shutil
+import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +26,21 @@ from actindex.kernels.spatial import unravel
 from actindex.kernels.topk import TopKResult
 
 from .accumulate import IndexAccumulator
+from .checkpoint import (
+    Manifest,
+    RankState,
+    RowFile,
+    differences,
+    fingerprint_hash,
+    fsync_file,
+    image_list_hash,
+    load_state,
+    partial_dir,
+    read_progress,
+    rows_path,
+    save_state,
+)
+from .distributed import Job, PeerFailed, start_job
 from .errors import UserError, not_found
 from .images import DEFAULT_MAX_PIXELS, ImageDataset, ImageList, scan_folder
 from .index_file import IndexWriter, LayerHits, atomic_output, check_output
@@ -37,7 +57,7 @@ class Progress(Protocol):
     def close(self) -> None: ...
 
 
-ProgressFactory = Callable[[int], Progress]  # called with the number of images
+ProgressFactory = Callable[[int, int], Progress]  # called with the number of images and those already done
 
 
 class _Silent:
@@ -46,6 +66,9 @@ class _Silent:
 
     def close(self) -> None:
         pass
+
+
+DEFAULT_CHECKPOINT_EVERY = 50_000  # images per process: a minute or two of a GPU's work
 
 
 @dataclass(frozen=True)
@@ -63,10 +86,12 @@ class BuildConfig:
     std: tuple[float, float, float] | None = None
     batch_size: int = 64
     workers: int = 4
-    device: str | None = None  # None: cuda when present, else cpu
+    device: str | None = None  # None: cuda when present, else cpu; under torchrun cuda:LOCAL_RANK
     embed_layer: str | None = None  # None: the last indexed layer; "" for none
     max_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # images per process between checkpoints; 0: never
+    resume: bool = False  # continue the partial build beside `out`, if there is one
 
 
 @dataclass(frozen=True)
@@ -79,22 +104,46 @@ class BuildSummary:
     layers: tuple[str, ...]
     embed_layer: str | None
     device: str
+    rank: int = 0
+    world_size: int = 1
+    resumed: int | None = None  # images taken from a checkpoint; None when --resume was not given
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # rank 0's seconds per stage
 
     @property
     def images_per_second(self) -> float:
-        return self.num_images / self.seconds if self.seconds > 0 else math.inf
+        """Images this run processed (not those taken from a checkpoint) per second, over all processes."""
+        return (self.num_images - (self.resumed or 0)) / self.seconds if self.seconds > 0 else math.inf
 
 
-def resolve_device(requested: str | None) -> torch.device:
-    if requested is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError as error:
-        raise UserError(f"unknown device '{requested}'; use cpu, cuda or cuda:N") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{requested}' asked for but CUDA is not available; use --device cpu")
-    return device
+@dataclass(frozen=True)
+class Fault:
+    """A failure injected on purpose, for tests: on `rank`, after `after` images of its shard, `how` happens:
+    "raise" an exception, "kill" the process with SIGKILL, or "hang" until killed from outside."""
+
+    rank: int
+    after: int
+    how: str = "raise"
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("raise", "kill", "hang")):
+            raise UserError(f"--crash-at takes RANK:IMAGES[:raise|kill|hang], got '{text}'")
+        return cls(int(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else "raise")
+
+    def strike(self, rank: int, done: int) -> None:
+        if rank != self.rank or done < self.after:
+            return
+        if self.how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.how == "hang":
+            while True:
+                time.sleep(1)
+        raise InjectedFault(f"injected fault on rank {rank} after {done} images")
+
+
+class InjectedFault(RuntimeError):
+    pass
 
 
 def validate(config: BuildConfig) -> None:
@@ -107,6 +156,8 @@ def validate(config: BuildConfig) -> None:
         raise UserError(f"--input-size must be at least 16 pixels, got {config.input_size}")
     if config.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {config.workers}")
+    if config.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be 0 (never) or more, got {config.checkpoint_every}")
     for label, stats in (("mean", config.mean), ("std", config.std)):
         if stats is not None and len(stats) != 3:
             raise UserError(f"--{label} takes three numbers (R,G,B), got {len(stats)}")
@@ -123,24 +174,26 @@ class _Plan:
     loaded: LoadedModel
     geometry: dict[str, LayerGeometry]
     embed_layer: str | None
+    embed_dim: int
     images: ImageList
     device: torch.device
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
 
-def plan_build(config: BuildConfig) -> _Plan:
+def plan_build(config: BuildConfig, device: torch.device) -> _Plan:
     validate(config)
     images = scan_folder(config.data)
     if len(images.paths) >= 2**32:
         raise UserError("more than 2**32 images; split the folder")
-    device = resolve_device(config.device)
     loaded = load_model(config.model, config.weights, device)
     geometry = resolve_layers(loaded.module, config.layers, config.input_size, device)
     embed_layer = _embed_layer(config, loaded, list(geometry))
-    mean = config.mean or loaded.mean
-    std = config.std or loaded.std
-    return _Plan(config, loaded, geometry, embed_layer, images, device, tuple(mean), tuple(std))  # type: ignore[arg-type]
+    mean = tuple(config.mean or loaded.mean)
+    std = tuple(config.std or loaded.std)
+    plan = _Plan(config, loaded, geometry, embed_layer, 0, images, device, mean, std)  # type: ignore[arg-type]
+    plan.embed_dim = _embedding_dim(plan) if embed_layer is not None else 0
+    return plan
 
 
 def _embed_layer(config: BuildConfig, loaded: LoadedModel, layers: list[str]) -> str | None:
@@ -154,53 +207,218 @@ def _embed_layer(config: BuildConfig, loaded: LoadedModel, layers: list[str]) ->
     return config.embed_layer
 
 
-def build_index(config: BuildConfig, progress: ProgressFactory | None = None) -> BuildSummary:
-    """Build the index described by `config`; the file appears at `config.out` only when complete."""
-    plan = plan_build(config)
-    started = time.perf_counter()
-    with atomic_output(config.out, config.overwrite) as tmp, h5py.File(tmp, "w") as h5:
-        writer = IndexWriter(h5)
-        writer.write_images(plan.images.paths, plan.images.labels, plan.images.classes)
+def shard_ranges(n: int, batch_size: int, world_size: int) -> list[tuple[int, int]]:
+    """Contiguous id ranges, one per rank, cut at batch boundaries.
+
+    Cutting whole batches (`batches * rank // world`) means every batch any rank runs is exactly a batch of
+    the single-process build, so each image's activations are computed in the same company and the index is
+    the same bit for bit whatever the number of processes. Ranks differ by at most one batch.
+    """
+    batches = -(-n // batch_size)
+    cuts = [min(batches * rank // world_size * batch_size, n) for rank in range(world_size + 1)]
+    return list(itertools.pairwise(cuts))
+
+
+def fingerprint(plan: _Plan, world_size: int) -> dict[str, object]:
+    """What a checkpoint must agree on to be resumed: everything that changes the index or the shards."""
+    config = plan.config
+    return {"model": config.model, "weights": plan.loaded.weights, "weights_sha256": plan.loaded.weights_sha256,
+            "layers": list(plan.geometry), "k": config.k, "input_size": config.input_size, "mean": list(plan.mean),
+            "std": list(plan.std), "embed_layer": plan.embed_layer, "embed_dim": plan.embed_dim,
+            "max_pixels": config.max_pixels, "batch_size": config.batch_size, "world_size": world_size,
+            "device_type": plan.device.type, "images_count": len(plan.images.paths),
+            "images": image_list_hash(plan.images.paths)}
+
+
+def build_index(config: BuildConfig, progress: ProgressFactory | None = None, *,
+                fault: Fault | None = None) -> BuildSummary:
+    """Build the index described by `config`; the file appears at `config.out` only when complete.
+
+    Run alone, or as every process of a torchrun job (each builds its shard, rank 0 writes the file). Work is
+    checkpointed beside the output every `config.checkpoint_every` images; `config.resume` continues it.
+    """
+    with start_job(config.device) as job:
+        plan = job.agree("plan", lambda: plan_build(config, job.device))
+        return _Build(plan, job, progress, fault).run()
+
+
+class _Build:
+    """One process's part of a build: prepare or resume the partial folder, stream a shard, merge, write."""
+
+    def __init__(self, plan: _Plan, job: Job, progress: ProgressFactory | None, fault: Fault | None) -> None:
+        self.plan, self.job, self.fault = plan, job, fault
+        self.config = plan.config
+        self.progress = progress if (progress is not None and job.is_main) else (lambda total, done: _Silent())
+        self.folder = partial_dir(self.config.out)
+        self.fingerprint = fingerprint(plan, job.world_size)
+        self.key = fingerprint_hash(self.fingerprint)
+        self.shards = shard_ranges(len(plan.images.paths), self.config.batch_size, job.world_size)
+        self.timings = {"stream": 0.0, "checkpoint": 0.0, "merge": 0.0, "write": 0.0}
+        self._shown = (0, 0)  # the job's (images, skipped) the progress bar has been told about
+
+    def _show(self, bar: Progress, totals: tuple[int, int] | None) -> None:
+        if totals is not None:
+            bar.update(totals[0] - self._shown[0], totals[1] - self._shown[1])
+            self._shown = totals
+
+    def run(self) -> BuildSummary:
+        job, plan, config = self.job, self.plan, self.config
+        started = time.perf_counter()
+        resumed = job.agree("prepare", self._prepare if job.is_main else lambda: None)
+        job.agree("visible", self._check_visible)
+        start, end = self.shards[job.rank]
+        state = (load_state(self.folder, job.rank, self.key) if config.resume else None) or \
+            RankState(job.rank, start, end, {})
         accumulator = IndexAccumulator(plan.loaded.module, {n: g.channels for n, g in plan.geometry.items()},
                                        config.k, plan.mean, plan.std, plan.embed_layer, plan.device)
-        bar = (progress or (lambda total: _Silent()))(len(plan.images.paths))
+        if state.topk:
+            accumulator.load_state_dict(state.topk)
+        rows = RowFile(rows_path(self.folder, job.rank), start, end, plan.embed_dim) if plan.embed_layer else None
+        bar = self.progress(len(plan.images.paths), resumed or 0)
         try:
-            skipped = _stream(plan, accumulator, writer, bar)
+            tick = time.perf_counter()
+            self._stream(state, accumulator, rows, bar)
+            self.timings["stream"] = time.perf_counter() - tick - self.timings["checkpoint"]
+            job.wait("streamed", poll=lambda: self._show(bar, job.flush_report()))
+        except Exception as error:
+            job.fail(error)
+            raise
         finally:
             bar.close()
+            if rows is not None:
+                rows.close()
+        tick = time.perf_counter()
+        self._merge(accumulator)
+        self.timings["merge"] = time.perf_counter() - tick
         seconds = time.perf_counter() - started
-        for name, result in accumulator.results().items():
-            writer.write_layer(layer_hits(plan.geometry[name], result, config.input_size))
-        writer.write_skipped([(plan.images.paths[i], reason) for i, reason in skipped])
-        writer.write_attrs(_attrs(plan, len(skipped), seconds))
-    return BuildSummary(config.out, len(plan.images.paths), len(plan.images.paths) - len(skipped), len(skipped),
-                        seconds, tuple(plan.geometry), plan.embed_layer, str(plan.device))
+        skipped = job.agree("write", lambda: self._write(accumulator, seconds) if job.is_main else 0)
+        if job.is_main:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        n = len(plan.images.paths)
+        return BuildSummary(config.out, n, n - skipped, skipped, seconds, tuple(plan.geometry), plan.embed_layer,
+                            plan.device.type, job.rank, job.world_size, resumed, dict(self.timings))
 
+    def _prepare(self) -> int | None:
+        """Rank 0: check a partial build for resuming, or start a new one. Returns the images checkpointed."""
+        folder, config = self.folder, self.config
+        if folder.exists():
+            manifest = Manifest.load(folder)
+            done = read_progress(folder, manifest.shards)
+            if not config.resume:
+                raise UserError(f"an unfinished build of '{config.out}' is in '{folder}' ({done} images "
+                                "checkpointed); add --resume to continue it, or delete that folder to start over")
+            changed = differences(manifest.fingerprint, self.fingerprint)
+            if changed:
+                raise UserError(f"cannot resume from '{folder}': it was made with a different configuration "
+                                f"({'; '.join(changed)}); rerun with the original settings, or delete the "
+                                "folder to start over")
+            return done
+        folder.mkdir(parents=True)
+        Manifest(self.fingerprint, self.shards).save(folder)
+        return 0 if config.resume else None
 
-def _stream(plan: _Plan, accumulator: IndexAccumulator, writer: IndexWriter, bar: Progress) -> list[tuple[int, str]]:
-    """Feed every image through the accumulator in id order; write embeddings as they come."""
-    config = plan.config
-    n = len(plan.images.paths)
-    dataset = ImageDataset(plan.images.root, plan.images.paths, range(n), config.input_size, config.max_pixels)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
-                                         num_workers=config.workers, collate_fn=dataset.collate_fn,
-                                         pin_memory=plan.device.type == "cuda",
-                                         prefetch_factor=4 if config.workers > 0 else None)
-    embeddings = None
-    if plan.embed_layer is not None:
-        dim = _embedding_dim(plan)
-        embeddings = writer.create_embeddings(plan.embed_layer, n, dim)
-    sink = RowSink(embeddings)
-    skipped: list[tuple[int, str]] = []
-    start = 0  # the loader yields batches in id order: this batch covers ids [start, start + len)
-    for batch in loader:
-        count = batch.ids.numel() + len(batch.skipped)
-        sink.push(start, count, batch.ids, accumulator.add_batch(batch.pixels, batch.ids))
-        skipped += batch.skipped
-        bar.update(count, len(batch.skipped))
-        start += count
-    sink.flush()
-    return skipped
+    def _check_visible(self) -> None:
+        """Every rank reads rank 0's manifest: several nodes need the output on a shared filesystem."""
+        try:
+            manifest = Manifest.load(self.folder)
+        except UserError:
+            manifest = None
+        if manifest is None or fingerprint_hash(manifest.fingerprint) != self.key:
+            raise UserError(f"rank {self.job.rank} on {socket.gethostname()} cannot see '{self.folder}' that "
+                            "rank 0 wrote: with several nodes, --out must be on a filesystem all nodes share")
+
+    def _checkpoint(self, state: RankState, accumulator: IndexAccumulator, rows: RowFile | None) -> None:
+        tick = time.perf_counter()
+        if rows is not None:
+            rows.sync()  # rows first: the state file must never count rows that are not on disk
+        state.topk = accumulator.state_dict()
+        save_state(self.folder, state, self.key)
+        self.timings["checkpoint"] += time.perf_counter() - tick
+
+    def _stream(self, state: RankState, accumulator: IndexAccumulator, rows: RowFile | None,
+                bar: Progress) -> None:
+        """Feed this rank's shard from `state.next_id` through the accumulator in id order, checkpointing."""
+        config, plan, job = self.config, self.plan, self.job
+        shard_start = self.shards[job.rank][0]
+        paths = plan.images.paths[state.next_id:state.end]
+        dataset = ImageDataset(plan.images.root, paths, range(state.next_id, state.end), config.input_size,
+                               config.max_pixels)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
+                                             num_workers=config.workers if paths else 0,
+                                             collate_fn=dataset.collate_fn, pin_memory=plan.device.type == "cuda",
+                                             prefetch_factor=4 if config.workers > 0 and paths else None)
+        sink = RowSink(rows)
+        since_checkpoint = 0
+        for batch in loader:  # batches come in id order: this one covers ids [state.next_id, + count)
+            count = batch.ids.numel() + len(batch.skipped)
+            sink.push(state.next_id, count, batch.ids, accumulator.add_batch(batch.pixels, batch.ids))
+            state.skipped += batch.skipped
+            state.next_id += count
+            since_checkpoint += count
+            if self.fault is not None:
+                self.fault.strike(job.rank, state.next_id - shard_start)
+            due = config.checkpoint_every and since_checkpoint >= config.checkpoint_every
+            if due or job.stop_requested:
+                sink.flush()
+                self._checkpoint(state, accumulator, rows)
+                since_checkpoint = 0
+            try:
+                totals = job.report(count, len(batch.skipped))
+            except PeerFailed:
+                if since_checkpoint:  # another rank failed: keep this rank's work before stopping
+                    sink.flush()
+                    self._checkpoint(state, accumulator, rows)
+                raise
+            self._show(bar, totals)
+        sink.flush()
+        self._checkpoint(state, accumulator, rows)  # the shard is done: the final record rank 0 reads
+        self._show(bar, job.flush_report())
+
+    def _merge(self, accumulator: IndexAccumulator) -> None:
+        """Gather every rank's top-k state on rank 0 and fold it in: exact, as the keys have no ties."""
+        values, integers = accumulator.flat_state()
+        all_values, all_integers = self.job.gather(values), self.job.gather(integers)
+        if all_values is not None and all_integers is not None:
+            for rank in range(1, self.job.world_size):
+                accumulator.merge_flat(all_values[rank], all_integers[rank])
+
+    def _write(self, accumulator: IndexAccumulator, seconds: float) -> int:
+        """Rank 0: the index file, embeddings copied from every rank's rows in id order. Returns skipped count."""
+        tick = time.perf_counter()
+        plan, config = self.plan, self.config
+        states = [load_state(self.folder, rank, self.key) for rank in range(self.job.world_size)]
+        skipped: list[tuple[int, str]] = []
+        for rank, state in enumerate(states):
+            if state is None or not state.done:
+                raise UserError(f"rank {rank} did not finish its shard (no final checkpoint in '{self.folder}'); "
+                                "rerun with --resume")
+            skipped += state.skipped
+        with atomic_output(config.out, config.overwrite) as tmp:
+            with h5py.File(tmp, "w") as h5:
+                writer = IndexWriter(h5)
+                writer.write_images(plan.images.paths, plan.images.labels, plan.images.classes)
+                if plan.embed_layer is not None:
+                    self._copy_rows(writer.create_embeddings(plan.embed_layer, len(plan.images.paths),
+                                                             plan.embed_dim))
+                for name, result in accumulator.results().items():
+                    writer.write_layer(layer_hits(plan.geometry[name], result, config.input_size))
+                writer.write_skipped([(plan.images.paths[i], reason) for i, reason in skipped])
+                writer.write_attrs(_attrs(plan, self.job.world_size, len(skipped), seconds))
+            fsync_file(tmp)
+        self.timings["write"] = time.perf_counter() - tick
+        return len(skipped)
+
+    def _copy_rows(self, dataset: h5py.Dataset) -> None:
+        """Every rank's row file into the (N, D) dataset, a few MiB at a time: memory stays bounded."""
+        step = max(1, (32 << 20) // (4 * max(self.plan.embed_dim, 1)))
+        for rank, (start, end) in enumerate(self.shards):
+            rows = RowFile(rows_path(self.folder, rank), start, end, self.plan.embed_dim)
+            try:
+                for a in range(start, end, step):
+                    b = min(a + step, end)
+                    dataset[a:b] = rows.read(a, b)
+            finally:
+                rows.close()
 
 
 def _embedding_dim(plan: _Plan) -> int:
@@ -218,24 +436,25 @@ def _embedding_dim(plan: _Plan) -> int:
 class RowSink:
     """Writes each batch's embedding rows one batch late, so the device→host copy overlaps the next batch.
 
-    `dataset` is anything with `.shape` and slice assignment: an (N, D) h5py dataset, or a numpy array.
+    `dataset` is anything with `.shape` and slice assignment by image id: a `RowFile`, an (N, D) h5py dataset
+    or a numpy array.
     """
 
-    def __init__(self, dataset: h5py.Dataset | np.ndarray | None) -> None:
+    def __init__(self, dataset: h5py.Dataset | np.ndarray | RowFile | None) -> None:
         self.dataset = dataset
-        self.pending: tuple[int, int, torch.Tensor, torch.Tensor, torch.cuda.Event | None] | None = None
+        self.pending: tuple[int, int, torch.Tensor, torch.Tensor | None, torch.cuda.Event | None] | None = None
 
     def push(self, start: int, count: int, ids: torch.Tensor, rows: torch.Tensor | None) -> None:
-        if self.dataset is None or rows is None:
+        """Rows (B, D) of images `ids` within ids [start, start + count); the others are written as NaN."""
+        if self.dataset is None:
             return
         copied = None
-        if rows.is_cuda:
+        host = rows
+        if rows is not None and rows.is_cuda:
             host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)  # (B, D)
             host.copy_(rows, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record()
-        else:
-            host = rows
         self.flush()
         self.pending = (start, count, ids, host, copied)
 
@@ -247,7 +466,8 @@ class RowSink:
         if copied is not None:
             copied.synchronize()
         block = np.full((count, self.dataset.shape[1]), np.nan, dtype=np.float32)  # skipped rows stay NaN
-        block[(ids - start).numpy()] = host.numpy()
+        if host is not None:
+            block[(ids - start).numpy()] = host.numpy()
         self.dataset[start:start + count] = block
 
 
@@ -266,7 +486,7 @@ def layer_hits(geometry: LayerGeometry, result: TopKResult, input_size: int) -> 
     )
 
 
-def _attrs(plan: _Plan, skipped: int, seconds: float) -> dict[str, object]:
+def _attrs(plan: _Plan, world_size: int, skipped: int, seconds: float) -> dict[str, object]:
     from importlib.metadata import version
 
     config = plan.config
@@ -275,7 +495,7 @@ def _attrs(plan: _Plan, skipped: int, seconds: float) -> dict[str, object]:
     record.update(layers=list(plan.geometry), embed_layer=plan.embed_layer, mean=list(plan.mean),
                   std=list(plan.std), weights_resolved=plan.loaded.weights,
                   weights_sha256=plan.loaded.weights_sha256, data=str(Path(config.data).resolve()))
-    del record["out"], record["overwrite"]
+    del record["out"], record["overwrite"], record["resume"]
     n = len(plan.images.paths)
     return {
         "model": config.model, "weights": plan.loaded.weights, "weights_sha256": plan.loaded.weights_sha256,
@@ -284,6 +504,7 @@ def _attrs(plan: _Plan, skipped: int, seconds: float) -> dict[str, object]:
         "layers": json.dumps(list(plan.geometry)), "embed_layer": plan.embed_layer or "",
         "categories": json.dumps(plan.loaded.categories), "config": json.dumps(record, sort_keys=True),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
-        "images_per_second": n / seconds if seconds > 0 else 0.0, "device": str(plan.device),
+        "images_per_second": n / seconds if seconds > 0 else 0.0, "device": plan.device.type,
+        "world_size": world_size,
         "actindex_version": version("actindex"), "torch_version": str(torch.__version__),
     }

@@ -26,11 +26,14 @@ class ActindexGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
-            click.echo("Interrupted; nothing was written at the output path.", err=True)
+            click.echo("Interrupted; nothing was written at the output path (a build continues from its last "
+                       "checkpoint with --resume).", err=True)
             sys.exit(130)
         except Exception as error:  # noqa: BLE001 - the one place where every failure becomes a message
             from .errors import UserError
 
+            if getattr(error, "quiet", False) and not debug:
+                sys.exit(1)  # another process of the job prints this error
             if debug:
                 traceback.print_exc()
             elif isinstance(error, UserError):
@@ -79,28 +82,46 @@ def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--mean", callback=_floats3, help="R,G,B mean. Default: the weights' own, else ImageNet's.")
 @click.option("--std", callback=_floats3, help="R,G,B std. Default: the weights' own, else ImageNet's.")
 @click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=int,
-              help="Image decoding processes.")
+@click.option("--workers", type=int, help="Image decoding processes per process of the job. Default: the CPU "
+                                         "cores shared among the processes on this node, at most 8.")
 @click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
 @click.option("--embed-layer", help="Layer whose spatial mean is stored per image. Default: the last indexed "
                                      "layer; '' for none.")
 @click.option("--max-pixels", type=int, help="Skip images with more pixels than this (decompression bombs).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index at --out.")
+@click.option("--checkpoint-every", type=int, default=50_000, show_default=True,
+              help="Images per process between checkpoints (in OUT.partial/); 0: only at the end of a shard.")
+@click.option("--resume", is_flag=True, help="Continue the partial build beside --out after a crash (same "
+                                             "options, same number of processes); starts afresh if there is none.")
+@click.option("--crash-at", hidden=True, help="Testing: RANK:IMAGES[:raise|kill|hang] injects a failure.")
 def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[str, ...] | None, k: int,
           input_size: int, mean: tuple[float, float, float] | None, std: tuple[float, float, float] | None,
-          batch_size: int, workers: int, device: str | None, embed_layer: str | None, max_pixels: int | None,
-          overwrite: bool) -> None:
-    """Index the images under DATA: every unit's top-k images, positions and receptive-field boxes."""
-    from .build import BuildConfig, build_index
+          batch_size: int, workers: int | None, device: str | None, embed_layer: str | None,
+          max_pixels: int | None, overwrite: bool, checkpoint_every: int, resume: bool, crash_at: str | None) -> None:
+    """Index the images under DATA: every unit's top-k images, positions and receptive-field boxes.
+
+    Under torchrun (python -m torch.distributed.run … -m actindex.indexer build …) every process indexes a
+    contiguous share of the images and rank 0 writes the file.
+    """
+    from .build import BuildConfig, Fault, build_index
+    from .distributed import local_world_size
     from .images import DEFAULT_MAX_PIXELS
 
+    if workers is None:
+        workers = max(1, min(8, (os.cpu_count() or 1) // local_world_size()))
     config = BuildConfig(data=data, model=model, out=out, weights=weights, layers=layers, k=k,
                          input_size=input_size, mean=mean, std=std, batch_size=batch_size, workers=workers,
                          device=device, embed_layer=embed_layer, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                         overwrite=overwrite)
-    summary = build_index(config, progress=TqdmProgress)
+                         overwrite=overwrite, checkpoint_every=checkpoint_every, resume=resume)
+    summary = build_index(config, progress=TqdmProgress, fault=Fault.parse(crash_at) if crash_at else None)
+    if summary.rank != 0:
+        return
+    if summary.resumed is not None:
+        click.echo(f"Resumed from a checkpoint of {summary.resumed} images" if summary.resumed else
+                   "No checkpoint to resume from: built from the beginning")
+    processes = f" x {summary.world_size} processes" if summary.world_size > 1 else ""
     click.echo(f"Indexed {summary.indexed} of {summary.num_images} images ({summary.skipped} skipped) in "
-               f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {summary.device}")
+               f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {summary.device}{processes}")
     click.echo(f"Layers: {', '.join(summary.layers)}; embeddings: {summary.embed_layer or 'none'}")
     if summary.skipped:
         click.echo(f"Skipped files are listed by 'actindex info {summary.out}'")
@@ -110,12 +131,12 @@ def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[
 class TqdmProgress:
     """A progress bar on stderr with images/s and ETA."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, done: int = 0) -> None:
         from tqdm import tqdm
 
         self.skipped = 0
-        self.bar = tqdm(total=total, unit="img", desc="indexing", file=sys.stderr, dynamic_ncols=True,
-                        smoothing=0.1)
+        self.bar = tqdm(total=total, initial=done, unit="img", desc="indexing", file=sys.stderr,
+                        dynamic_ncols=True, smoothing=0.1)
 
     def update(self, images: int, skipped: int) -> None:
         if skipped:

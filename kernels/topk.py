@@ -148,10 +148,14 @@ class RunningTopK:
         )
         return self
 
+    def state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, ids, positions), each (C, k), on the accumulator's device; empty slots hold id -1."""
+        self._compact()
+        return self.values, self.ids, self.positions
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain named tensors (safetensors-compatible); keys are derived, not stored."""
-        self._compact()
-        return {"values": self.values.cpu(), "ids": self.ids.cpu(), "positions": self.positions.cpu()}
+        return {name: t.cpu() for name, t in zip(("values", "ids", "positions"), self.state(), strict=True)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         shape = (self.channels, self.k)

@@ -1,0 +1,222 @@
+"""A build's partial state, kept beside the output so that a build that dies continues where it stopped.
+
+    OUT.partial/
+      manifest.json            what is being built (its fingerprint), the world size, every rank's shard
+      rank-00003.safetensors   rank 3's top-k state tensors; next image id and skipped files as metadata
+      rank-00003.rows          rank 3's embedding rows: float32, row i is image id shard_start + i
+
+A checkpoint commits the rows first (fsync), then the state file (temporary name, fsync, rename, fsync of
+the folder), so a state file never counts rows that are not on disk; rows written after it are written
+again on resume. Everything is plain tensors, JSON and raw float32: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import UserError
+
+CHECKPOINT_FORMAT = "actindex-partial-build"
+CHECKPOINT_VERSION = 1
+
+# How fingerprint keys are named in messages.
+_LABELS = {"world_size": "processes (world size)", "images": "image list", "images_count": "number of images",
+           "weights": "weights", "weights_sha256": "weights file contents", "layers": "layers", "k": "k",
+           "input_size": "input size", "model": "model", "batch_size": "batch size", "mean": "mean",
+           "std": "std", "embed_layer": "embedding layer", "max_pixels": "max pixels", "device_type": "device type",
+           "embed_dim": "embedding size"}
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def image_list_hash(paths: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'k: 9 in the checkpoint, 5 now' for every key whose value differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            out.append(f"{_LABELS.get(key, key)}: {_short(saved.get(key))} in the checkpoint, "
+                       f"{_short(current.get(key))} now")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:12] + "…"
+
+
+@dataclass
+class Manifest:
+    fingerprint: dict[str, Any]
+    shards: list[tuple[int, int]]  # per rank, image ids [start, end)
+
+    def save(self, folder: Path) -> None:
+        record = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint,
+                  "shards": [list(s) for s in self.shards]}
+        _write_atomically(folder / "manifest.json", json.dumps(record, indent=1, sort_keys=True).encode())
+
+    @classmethod
+    def load(cls, folder: Path) -> Manifest:
+        path = folder / "manifest.json"
+        try:
+            record = json.loads(path.read_bytes())
+            fmt, version = record.get("format"), record.get("version")
+        except (OSError, ValueError, AttributeError) as error:
+            raise UserError(f"'{folder}' holds no readable partial build ({error}); move it away to start "
+                            "over") from error
+        if fmt != CHECKPOINT_FORMAT:
+            raise UserError(f"'{folder}' is not an actindex partial build; move it away to start over")
+        if version != CHECKPOINT_VERSION:
+            raise UserError(f"'{folder}' is a partial build of checkpoint version {version}; this actindex "
+                            f"resumes version {CHECKPOINT_VERSION}: finish it with the release that started it, "
+                            "or delete the folder to start over")
+        return cls(record["fingerprint"], [(int(a), int(b)) for a, b in record["shards"]])
+
+
+@dataclass
+class RankState:
+    """One rank's progress through its shard [start, end)."""
+
+    rank: int
+    next_id: int  # images [start, next_id) are folded into `topk` and their rows are on disk
+    end: int
+    topk: dict[str, torch.Tensor]  # IndexAccumulator.state_dict()
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (image id, reason)
+
+    @property
+    def done(self) -> bool:
+        return self.next_id >= self.end
+
+
+def state_path(folder: Path, rank: int) -> Path:
+    return folder / f"rank-{rank:05d}.safetensors"
+
+
+def save_state(folder: Path, state: RankState, fingerprint: str) -> None:
+    metadata = {"format": CHECKPOINT_FORMAT, "version": str(CHECKPOINT_VERSION), "fingerprint": fingerprint,
+                "rank": str(state.rank), "next_id": str(state.next_id), "end": str(state.end),
+                "skipped": json.dumps(state.skipped)}
+    path = state_path(folder, state.rank)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({key: t.contiguous() for key, t in state.topk.items()}, str(tmp), metadata=metadata)
+    _commit(tmp, path)
+
+
+def load_state(folder: Path, rank: int, fingerprint: str) -> RankState | None:
+    """This rank's last checkpoint, or None if it never wrote one."""
+    path = state_path(folder, rank)
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (OSError, SafetensorError) as error:
+        raise UserError(f"checkpoint '{path}' is unreadable ({error}); delete '{folder}' to start over") from error
+    if metadata.get("format") != CHECKPOINT_FORMAT or metadata.get("version") != str(CHECKPOINT_VERSION):
+        raise UserError(f"'{path}' is not a checkpoint this actindex reads; delete '{folder}' to start over")
+    if metadata.get("fingerprint") != fingerprint or int(metadata["rank"]) != rank:
+        raise UserError(f"'{path}' belongs to another build than '{folder / 'manifest.json'}'; delete "
+                        f"'{folder}' to start over")
+    skipped = [(int(i), str(reason)) for i, reason in json.loads(metadata["skipped"])]
+    return RankState(rank, int(metadata["next_id"]), int(metadata["end"]), tensors, skipped)
+
+
+def read_progress(folder: Path, shards: list[tuple[int, int]]) -> int:
+    """Images checkpointed over all ranks (read from the state files' headers only)."""
+    total = 0
+    for rank, (start, _) in enumerate(shards):
+        path = state_path(folder, rank)
+        if path.exists():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    metadata = f.metadata() or {}
+            except (OSError, SafetensorError):
+                continue
+            total += int(metadata.get("next_id", start)) - start
+    return total
+
+
+class RowFile:
+    """An (end - start, dim) float32 row file addressed by image id, written at any offset, fsync'd on demand.
+
+    `dataset[a:b] = block` and `.shape` make it a sink for `build.RowSink`, like an h5py dataset.
+    """
+
+    def __init__(self, path: Path, start: int, end: int, dim: int) -> None:
+        self.path, self.start, self.dim = path, start, dim
+        self.shape = (end - start, dim)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        size = self.shape[0] * dim * 4
+        if os.fstat(self.fd).st_size != size:
+            os.ftruncate(self.fd, size)
+
+    def __setitem__(self, rows: slice, block: np.ndarray) -> None:
+        data = np.ascontiguousarray(block, dtype=np.float32).data.cast("B")
+        offset = (rows.start - self.start) * self.dim * 4
+        while data:  # a regular file writes everything at once unless the disk is full, which raises
+            written = os.pwrite(self.fd, data, offset)
+            data, offset = data[written:], offset + written
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows of image ids [start, stop) as (stop - start, dim) float32."""
+        size = (stop - start) * self.dim * 4
+        data = os.pread(self.fd, size, (start - self.start) * self.dim * 4)
+        if len(data) != size:
+            raise UserError(f"'{self.path}' is shorter than its checkpoint says; delete the partial build to "
+                            "start over")
+        return np.frombuffer(data, dtype=np.float32).reshape(stop - start, self.dim)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def rows_path(folder: Path, rank: int) -> Path:
+    return folder / f"rank-{rank:05d}.rows"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    _commit(tmp, path)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, rename it onto `path`, fsync the folder: after this returns, `path` survives a power cut."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_file(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's (or a folder's) contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

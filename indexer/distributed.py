@@ -1,0 +1,271 @@
+"""One process among several: torchrun's environment, rank helpers that fall back to one process, and
+coordination that never leaves a rank waiting on one that has failed.
+
+torchrun starts one process per GPU and sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT. `start_job` joins the process group through the same env:// rendezvous `init_process_group`
+uses (nccl for CUDA, gloo for CPU) and keeps the key-value store it returns. Collectives carry tensors (the
+top-k gather); the store carries what no collective should wait on: each rank's progress, the first failure's
+message, and the phase markers every rank sets before a collective runs. Waiting for a phase polls the
+failure key, so an error on any rank ends every rank with that rank's message instead of a hang.
+
+Without those variables, or with WORLD_SIZE=1, a `Job` is one process: rank 0 of 1, no store, nothing waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import FrameType
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+_POLL_SECONDS = 0.05  # while waiting for the other ranks
+_REPORT_SECONDS = 0.5  # between progress reports to the store while streaming
+_FAILED = "failed"
+
+
+class PeerFailed(UserError):
+    """Another rank failed, or the job was stopped; `quiet` ranks leave printing the message to rank 0."""
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
+
+
+@dataclass
+class Job:
+    """This process's place in the job. The defaults describe a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    store: dist.Store | None = None
+    stop_requested: bool = False  # set by SIGTERM; acted on at the next batch boundary
+    _reported: tuple[int, int] = (0, 0)
+    _unreported: list[int] = field(default_factory=lambda: [0, 0])
+    _last_report: float = 0.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def backend(self) -> str | None:
+        if not self.distributed:
+            return None
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+    # -- failures ------------------------------------------------------------------------------------------
+
+    def fail(self, error: BaseException) -> None:
+        """Record this rank's failure where every rank looks; the first failure recorded wins."""
+        if self.store is None or isinstance(error, PeerFailed):
+            return
+        record = json.dumps({"rank": self.rank, "host": socket.gethostname(), "message": _message(error)})
+        # The store may already be gone with the job; the error itself still ends this rank.
+        with contextlib.suppress(Exception):
+            self.store.compare_set(_FAILED, "", record)
+
+    def check(self) -> None:
+        """Raise if another rank has failed or this process was asked to stop."""
+        if self.store is not None and self.store.check([_FAILED]):
+            record = json.loads(self.store.get(_FAILED))
+            # On one host the failing rank's own line is on the same console; rank 0 repeats it for other hosts.
+            raise PeerFailed(f"rank {record['rank']} failed: {record['message']}",
+                             quiet=not self.is_main or record["host"] == socket.gethostname())
+        if self.stop_requested:
+            raise PeerFailed("stopped by SIGTERM (the job was cancelled, or another of its processes died)",
+                             quiet=not self.is_main)
+
+    # -- phases --------------------------------------------------------------------------------------------
+
+    def wait(self, phase: str, poll: Callable[[], None] | None = None) -> None:
+        """Block until every rank has reached `phase`, calling `poll` meanwhile; raise as soon as any rank has
+        failed."""
+        if self.store is None:
+            return
+        self.store.add(f"phase/{phase}", 1)
+        while int(self.store.add(f"phase/{phase}", 0)) < self.world_size:
+            self.check()
+            if poll is not None:
+                poll()
+            time.sleep(_POLL_SECONDS)
+        self.check()
+
+    def agree(self, phase: str, action: Callable[[], T]) -> T:
+        """Run `action` on every rank and compare outcomes: if it failed anywhere, every rank raises, and only
+        rank 0 prints (its own error, else the lowest failing rank's)."""
+        try:
+            result, error = action(), None
+        except Exception as caught:  # noqa: BLE001 - re-raised below, on every rank
+            result, error = None, caught
+        if self.store is None:
+            if error is not None:
+                raise error
+            return result  # type: ignore[return-value]
+        self.store.set(f"agree/{phase}/{self.rank}", "" if error is None else _message(error))
+        keys = [f"agree/{phase}/{rank}" for rank in range(self.world_size)]
+        while not self.store.check(keys):
+            self.check()
+            time.sleep(_POLL_SECONDS)
+        failed = [(rank, message) for rank, key in enumerate(keys)
+                  if (message := self.store.get(key).decode())]
+        if not failed:
+            return result  # type: ignore[return-value]
+        if not self.is_main:
+            raise PeerFailed(failed[0][1], quiet=True) from error
+        if error is not None:
+            raise error
+        rank, message = failed[0]
+        raise PeerFailed(f"rank {rank} failed: {message}")
+
+    # -- progress ------------------------------------------------------------------------------------------
+
+    def report(self, images: int, skipped: int) -> tuple[int, int] | None:
+        """Count this rank's progress; every half second, publish it and return the job's totals
+        (images, skipped) on rank 0. Also raises if another rank has failed."""
+        self._unreported[0] += images
+        self._unreported[1] += skipped
+        now = time.monotonic()
+        if self.store is None:
+            total = self._reported[0] + self._unreported[0], self._reported[1] + self._unreported[1]
+            self._reported, self._unreported = total, [0, 0]
+            self.check()
+            return total
+        if now - self._last_report < _REPORT_SECONDS and not self.stop_requested:
+            return None
+        self._last_report = now
+        done = int(self.store.add("progress/images", self._unreported[0]))
+        bad = int(self.store.add("progress/skipped", self._unreported[1]))
+        self._unreported = [0, 0]
+        self.check()
+        return (done, bad) if self.is_main else None
+
+    def flush_report(self) -> tuple[int, int] | None:
+        self._last_report = 0.0
+        return self.report(0, 0)
+
+    # -- collectives ---------------------------------------------------------------------------------------
+
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's `tensor` (same shape and dtype on each) on rank 0, in rank order; None elsewhere."""
+        if not self.distributed:
+            return [tensor]
+        received = [torch.empty_like(tensor) for _ in range(self.world_size)] if self.is_main else None
+        dist.gather(tensor, received, dst=0)
+        return received
+
+
+def resolve_device(requested: str | None, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The device for this process: cuda:LOCAL_RANK when CUDA is asked for (or present) under torchrun."""
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError as error:
+        raise UserError(f"unknown device '{requested}'; use cpu, cuda or cuda:N") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{requested}' asked for but CUDA is not available; use --device cpu")
+        if world_size > 1:
+            if device.index is not None:
+                raise UserError(f"under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda, not "
+                                f"'{requested}' (use CUDA_VISIBLE_DEVICES to choose the GPUs)")
+            count = torch.cuda.device_count()
+            if local_rank >= count:
+                raise UserError(f"local rank {local_rank} has no GPU: this node shows {count}; start at most "
+                                f"{count} processes per node (--nproc_per_node)")
+            device = torch.device("cuda", local_rank)
+    elif device.type != "cpu":
+        raise UserError(f"unsupported device '{requested}'; use cpu, cuda or cuda:N")
+    return device
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+@contextmanager
+def start_job(requested_device: str | None, timeout: timedelta = timedelta(minutes=30)) -> Iterator[Job]:
+    """Join the job torchrun started (or be the only process), and leave it cleanly.
+
+    SIGTERM (torchrun tearing the job down after another rank died, or a scheduler cancelling it) sets
+    `stop_requested`; the build checkpoints at the next batch boundary and stops with a message.
+    """
+    env = os.environ
+    rank, world = (int(env["RANK"]), int(env["WORLD_SIZE"])) if launched_by_torchrun() else (0, 1)
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    job = Job(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world_size())
+    job.device = resolve_device(requested_device, local_rank, world)
+    if job.device.type == "cuda":
+        torch.cuda.set_device(job.device)
+    owns_group = False
+    if world > 1:
+        if dist.is_initialized():  # the caller set up the group; use its store
+            store = dist.distributed_c10d._get_default_store()
+        else:
+            store, job.rank, job.world_size = next(dist.rendezvous("env://", timeout=timeout))
+            store.set_timeout(timeout)
+            dist.init_process_group(job.backend, store=dist.PrefixStore("default_pg", store), rank=job.rank,
+                                    world_size=job.world_size, timeout=timeout,
+                                    device_id=job.device if job.device.type == "cuda" else None)
+            owns_group = True
+        # torchrun's store outlives restarts of the workers: keep each attempt's keys apart.
+        job.store = dist.PrefixStore(f"actindex/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    with _stop_on_sigterm(job):
+        try:
+            yield job
+        finally:
+            if owns_group:
+                dist.destroy_process_group()
+
+
+@contextmanager
+def _stop_on_sigterm(job: Job) -> Iterator[None]:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if job.stop_requested:  # a second SIGTERM: stop now, at the cost of the batch in flight
+            raise PeerFailed("stopped by a second SIGTERM", quiet=not job.is_main)
+        job.stop_requested = True
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, UserError):
+        return str(error)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}"
