@@ -280,6 +280,10 @@ class _Build:
             self._stream(state, accumulator, rows, bar)
             self.timings["stream"] = time.perf_counter() - tick - self.timings["checkpoint"]
             job.wait("streamed", poll=lambda: self._show(bar, job.flush_report()))
+            self._show(bar, job.flush_report())  # every rank published its count before reaching the phase
+        except PeerFailed as stopped:
+            raise PeerFailed(f"{stopped}; the work done is checkpointed in '{self.folder}': rerun the same "
+                             "command with --resume to continue", quiet=stopped.quiet) from None
         except Exception as error:
             job.fail(error)
             raise
@@ -495,7 +499,8 @@ def _attrs(plan: _Plan, world_size: int, skipped: int, seconds: float) -> dict[s
     record.update(layers=list(plan.geometry), embed_layer=plan.embed_layer, mean=list(plan.mean),
                   std=list(plan.std), weights_resolved=plan.loaded.weights,
                   weights_sha256=plan.loaded.weights_sha256, data=str(Path(config.data).resolve()))
-    del record["out"], record["overwrite"], record["resume"]
+    for operational in ("out", "overwrite", "resume", "checkpoint_every"):  # they never change the index
+        del record[operational]
     n = len(plan.images.paths)
     return {
         "model": config.model, "weights": plan.loaded.weights, "weights_sha256": plan.loaded.weights_sha256,

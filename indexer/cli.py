@@ -34,13 +34,15 @@ class ActindexGroup(click.Group):
 
             if getattr(error, "quiet", False) and not debug:
                 sys.exit(1)  # another process of the job prints this error
+            # Under torchrun every process writes to the same console: say which one speaks.
+            who = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             if debug:
                 traceback.print_exc()
             elif isinstance(error, UserError):
-                click.echo(f"Error: {error}", err=True)
+                click.echo(f"Error: {who}{error}", err=True)
             else:
                 first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                click.echo(f"Error: {type(error).__name__}: {first} (rerun with --debug for the traceback)",
+                click.echo(f"Error: {who}{type(error).__name__}: {first} (rerun with --debug for the traceback)",
                            err=True)
             sys.exit(1)
 

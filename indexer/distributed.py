@@ -90,9 +90,8 @@ class Job:
         """Raise if another rank has failed or this process was asked to stop."""
         if self.store is not None and self.store.check([_FAILED]):
             record = json.loads(self.store.get(_FAILED))
-            # On one host the failing rank's own line is on the same console; rank 0 repeats it for other hosts.
-            raise PeerFailed(f"rank {record['rank']} failed: {record['message']}",
-                             quiet=not self.is_main or record["host"] == socket.gethostname())
+            raise PeerFailed(f"rank {record['rank']} ({record['host']}) failed: {record['message']}",
+                             quiet=not self.is_main)
         if self.stop_requested:
             raise PeerFailed("stopped by SIGTERM (the job was cancelled, or another of its processes died)",
                              quiet=not self.is_main)

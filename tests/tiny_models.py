@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,3 +63,15 @@ class WithUnused(TinyNet):
 
 def with_unused() -> nn.Module:
     return WithUnused()
+
+
+class SlowNet(TinyNet):
+    """TinyNet that takes a while per batch, so that a test can kill a build part-way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)
+        return super().forward(x)
+
+
+def slow_tiny_net() -> nn.Module:
+    return SlowNet()

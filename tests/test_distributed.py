@@ -1,0 +1,270 @@
+"""Several processes and crashes: every build below must equal one uninterrupted single-process build, bit for bit.
+
+In-process tests inject faults with `Fault` (faiss contrib's `crash_at` pattern) and resume; subprocess tests
+run real torchrun jobs with the gloo backend on CPU, kill ranks with SIGKILL, and kill a whole build from
+outside at a random moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from actindex.indexer.build import BuildConfig, Fault, InjectedFault, build_index, shard_ranges
+from actindex.indexer.checkpoint import partial_dir, state_path
+from actindex.indexer.errors import UserError
+
+from test_build import LAYERS, SIZE, make_images
+from tiny_models import tiny_net
+
+TESTS = Path(__file__).parent
+BATCH = 4
+VOLATILE_ATTRS = {"created", "seconds", "images_per_second", "world_size"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_images(root, n=45, seed=1)  # 46 files with the broken one: shards of 12 batches, not a multiple of 2 or 3
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(tiny_net().state_dict(), path)
+    return path
+
+
+def config(data: Path, weights: Path, out: Path, **changes: object) -> BuildConfig:
+    base = BuildConfig(data=data, model="tiny_models:tiny_net", out=out, weights=str(weights), layers=LAYERS, k=5,
+                       input_size=SIZE, batch_size=BATCH, workers=0, embed_layer="down", device="cpu",
+                       checkpoint_every=8)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, no interruption."""
+    out = tmp_path_factory.mktemp("reference") / "index.h5"
+    build_index(config(data, weights, out))
+    return out
+
+
+def contents(path: Path, ignore: set[str]) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    datasets: dict[str, np.ndarray] = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda name, obj: datasets.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset)
+                     else None)
+        attrs = {key: value for key, value in f.attrs.items() if key not in ignore}
+    return datasets, attrs
+
+
+def assert_same_index(path: Path, reference: Path, ignore: frozenset[str] = frozenset()) -> None:
+    """Every dataset equal bit for bit (NaN where NaN), every attribute equal but timings and process count."""
+    got, got_attrs = contents(path, VOLATILE_ATTRS | ignore)
+    want, want_attrs = contents(reference, VOLATILE_ATTRS | ignore)
+    assert sorted(got) == sorted(want)
+    for name, array in want.items():
+        assert got[name].dtype == array.dtype, name
+        assert np.array_equal(got[name], array, equal_nan=array.dtype.kind == "f"), name
+    assert got_attrs.keys() == want_attrs.keys()
+    for key, value in want_attrs.items():
+        assert np.array_equal(got_attrs[key], value), key
+
+
+# -- shards ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 46, 1000])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_shards_cover_every_id_once_at_batch_boundaries(n: int, world: int) -> None:
+    shards = shard_ranges(n, BATCH, world)
+    assert len(shards) == world and shards[0][0] == 0 and shards[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(shards, shards[1:], strict=False))
+    assert all(start % BATCH == 0 and start <= end for start, end in shards)
+    sizes = [-(-(end - start) // BATCH) for start, end in shards]  # batches per rank
+    assert max(sizes) - min(sizes) <= 1
+
+
+# -- crash and resume in one process ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("crash_after", [4, 8, 20, 44])  # before, at and between checkpoints, in the last batch
+def test_a_crash_then_resume_gives_the_uninterrupted_index(data: Path, weights: Path, reference: Path,
+                                                           tmp_path: Path, crash_after: int) -> None:
+    out = tmp_path / "index.h5"
+    with pytest.raises(InjectedFault):
+        build_index(config(data, weights, out), fault=Fault(rank=0, after=crash_after))
+    assert not out.exists() and partial_dir(out).is_dir()
+    summary = build_index(config(data, weights, out, resume=True))
+    assert summary.resumed == (crash_after - 1) // 8 * 8  # the last checkpoint before the crash's batch
+    assert_same_index(out, reference)
+    assert not partial_dir(out).exists()
+
+
+def test_resume_twice_after_two_crashes(data: Path, weights: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index.h5"
+    with pytest.raises(InjectedFault):
+        build_index(config(data, weights, out, checkpoint_every=12), fault=Fault(0, 14))
+    with pytest.raises(InjectedFault):
+        build_index(config(data, weights, out, checkpoint_every=12, resume=True), fault=Fault(0, 30))
+    summary = build_index(config(data, weights, out, checkpoint_every=12, resume=True))
+    assert summary.resumed == 24
+    assert_same_index(out, reference)
+
+
+def test_resume_without_a_checkpoint_builds_from_the_start(data: Path, weights: Path, reference: Path,
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "index.h5"
+    assert build_index(config(data, weights, out, resume=True)).resumed == 0
+    assert_same_index(out, reference)
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(data: Path, weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index.h5"
+    with pytest.raises(InjectedFault):
+        build_index(config(data, weights, out), fault=Fault(0, 20))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in partial_dir(out).iterdir())
+    with pytest.raises(UserError, match=r"input size: 48 in the checkpoint, 64 now; k: 5 in the checkpoint, 3"):
+        build_index(config(data, weights, out, resume=True, k=3, input_size=64))
+    with pytest.raises(UserError, match="layers: .* in the checkpoint"):
+        build_index(config(data, weights, out, resume=True, layers=("stem", "down")))
+    with pytest.raises(UserError, match=r"unfinished build .* \(16 images checkpointed\); add --resume"):
+        build_index(config(data, weights, out))
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in partial_dir(out).iterdir()) == before
+    assert not out.exists()
+
+
+def test_a_changed_image_folder_is_refused(data: Path, weights: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "data"
+    make_images(copy, n=45, seed=1)
+    out = tmp_path / "index.h5"
+    with pytest.raises(InjectedFault):
+        build_index(config(copy, weights, out), fault=Fault(0, 20))
+    (copy / "class0" / "img000.png").rename(copy / "class0" / "renamed.png")
+    with pytest.raises(UserError, match="image list: .* in the checkpoint"):
+        build_index(config(copy, weights, out, resume=True))
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line(data: Path, weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index.h5"
+    with pytest.raises(InjectedFault):
+        build_index(config(data, weights, out), fault=Fault(0, 20))
+    state = state_path(partial_dir(out), 0)
+    state.write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError, match="unreadable") as caught:
+        build_index(config(data, weights, out, resume=True))
+    assert "\n" not in str(caught.value)
+    save_file({"x": torch.zeros(1)}, str(state), metadata={"format": "something else"})
+    with pytest.raises(UserError, match="not a checkpoint this actindex reads"):
+        build_index(config(data, weights, out, resume=True))
+    manifest = partial_dir(out) / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": 99}))
+    with pytest.raises(UserError, match="checkpoint version 99"):
+        build_index(config(data, weights, out, resume=True))
+
+
+# -- real processes --------------------------------------------------------------------------------------------
+
+
+def cli_args(data: Path, weights: Path, out: Path, *extra: str) -> list[str]:
+    return ["build", str(data), "--model", "tiny_models:tiny_net", "--weights", str(weights), "--out", str(out),
+            "--layers", ",".join(LAYERS), "--k", "5", "--input-size", str(SIZE), "--batch-size", str(BATCH),
+            "--workers", "0", "--embed-layer", "down", "--device", "cpu", "--checkpoint-every", "8", *extra]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(processes: int, args: list[str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "actindex.indexer", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=240, check=False)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("processes", [2, 3])
+def test_torchrun_builds_the_single_process_index(data: Path, weights: Path, reference: Path, tmp_path: Path,
+                                                  processes: int) -> None:
+    out = tmp_path / "index.h5"
+    result = torchrun(processes, cli_args(data, weights, out))
+    assert result.returncode == 0, result.stderr
+    assert_same_index(out, reference)
+    assert result.stdout.count("Indexed 45 of 46 images") == 1  # rank 0 alone prints the summary
+    assert f"on cpu x {processes} processes" in result.stdout
+    with h5py.File(out) as f:
+        assert f.attrs["world_size"] == processes
+    assert not partial_dir(out).exists()
+
+
+@pytest.mark.distributed
+def test_sigkill_of_one_rank_then_resume_under_torchrun(data: Path, weights: Path, reference: Path,
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / "index.h5"
+    crashed = torchrun(2, cli_args(data, weights, out, "--crash-at", "1:12:kill"))
+    assert crashed.returncode != 0 and not out.exists()
+    assert "rerun the same command with --resume" in crashed.stderr  # rank 0's message, on SIGTERM from torchrun
+    resumed = torchrun(2, cli_args(data, weights, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resumed from a checkpoint of" in resumed.stdout
+    assert_same_index(out, reference)
+
+
+@pytest.mark.distributed
+def test_an_error_on_one_rank_ends_the_job_with_its_message(data: Path, weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index.h5"
+    started = time.monotonic()
+    result = torchrun(2, cli_args(data, weights, out, "--crash-at", "1:8:raise"))
+    assert result.returncode != 0 and not out.exists()
+    assert time.monotonic() - started < 120  # no hang in a collective
+    assert "rank 1 " in result.stderr and "injected fault on rank 1 after 8 images" in result.stderr
+    assert not re.search(r'File ".*actindex|File ".*/(indexer|kernels)/', result.stderr)  # no traceback of ours
+
+
+@pytest.mark.distributed
+def test_resume_with_another_number_of_processes_is_refused(data: Path, weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index.h5"
+    assert torchrun(2, cli_args(data, weights, out, "--crash-at", "0:8:raise")).returncode != 0
+    result = torchrun(3, cli_args(data, weights, out, "--resume"))
+    assert result.returncode != 0 and not out.exists()
+    assert "processes (world size): 2 in the checkpoint, 3 now" in result.stderr
+    assert result.stderr.count("cannot resume from") == 1  # said once, by rank 0
+
+
+@pytest.mark.slow
+def test_sigkill_from_outside_at_a_random_moment_then_resume(data: Path, weights: Path, reference: Path,
+                                                            tmp_path: Path) -> None:
+    """A real `actindex build` killed with SIGKILL wherever it happens to be, perhaps mid-checkpoint."""
+    out = tmp_path / "index.h5"
+    args = cli_args(data, weights, out)
+    args[args.index("tiny_models:tiny_net")] = "tiny_models:slow_tiny_net"  # same weights, 50 ms per batch
+    process = subprocess.Popen([sys.executable, "-m", "actindex.indexer", *args], env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not state_path(partial_dir(out), 0).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(random.uniform(0.0, 0.25))  # noqa: S311 - a random moment, not a secret
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not out.exists(), "the build finished before the kill"
+    resumed = subprocess.run([sys.executable, "-m", "actindex.indexer", *args, "--resume"], env=environment(),
+                             capture_output=True, text=True, timeout=240, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    # The slow model is the same network under another factory name: only `model` and `config` differ.
+    assert_same_index(out, reference, ignore=frozenset({"model", "config"}))
