@@ -6,7 +6,8 @@ Model specs:
 - ``package.module:factory`` for custom code: ``factory()`` must return an ``nn.Module``.
 
 Weights:
-- none: the network keeps its random initialisation (useful for tests, rarely for research);
+- none: the network keeps its random initialisation, drawn from seed 0 so that it is the same in every
+  process of a job and in every run (useful for tests and baselines, rarely for research);
 - a torchvision weights enum member of that model (``DEFAULT``, ``IMAGENET1K_V1``): fetched into the torch
   cache on first use; for ``timm:`` models ``DEFAULT`` (or ``pretrained``) asks timm for its pretrained weights;
 - a local state-dict file (``.pt``, ``.pth``, ``.bin``, ``.safetensors``), loaded with ``weights_only=True``.
@@ -50,12 +51,14 @@ def torchvision_names() -> list[str]:
 def load_model(spec: str, weights: str | None = None, device: torch.device | str = "cpu") -> LoadedModel:
     """Build the network named by `spec`, load `weights`, move it to `device`, in eval mode."""
     weights = weights or ""
-    if spec.startswith("timm:"):
-        loaded = _timm_model(spec[len("timm:"):], weights)
-    elif ":" in spec:
-        loaded = _custom_model(spec)
-    else:
-        loaded = _torchvision_model(spec, weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a random initialisation must be the same on every rank, and on a resume
+        if spec.startswith("timm:"):
+            loaded = _timm_model(spec[len("timm:"):], weights)
+        elif ":" in spec:
+            loaded = _custom_model(spec)
+        else:
+            loaded = _torchvision_model(spec, weights)
     loaded.spec = spec
     if weights and _is_weights_file(weights) and not loaded.weights:
         path = Path(weights)

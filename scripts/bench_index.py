@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torchvision
@@ -38,6 +37,7 @@ from torch import nn
 
 from actindex.indexer.accumulate import IndexAccumulator
 from actindex.indexer.build import RowSink
+from actindex.indexer.checkpoint import RowFile
 from actindex.indexer.layers import resolve_layers
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
 
@@ -73,11 +73,9 @@ class Ours:
     def __init__(self, model: nn.Module, device: torch.device, channels: dict[str, int], k: int, images: int) -> None:
         embed = list(channels)[-1]
         self.acc = IndexAccumulator(model, channels, k, IMAGENET_MEAN, IMAGENET_STD, embed, device)
-        # Embeddings go where the build puts them: an HDF5 dataset on disk, not memory.
+        # Embeddings go where the build puts them while streaming: a row file on disk, not memory.
         self.folder = tempfile.TemporaryDirectory()
-        self.h5 = h5py.File(Path(self.folder.name) / "embeddings.h5", "w")
-        self.rows = RowSink(self.h5.create_dataset("e", (images, channels[embed]), np.float32,
-                                                   chunks=(min(images, 512), channels[embed])))
+        self.rows = RowSink(RowFile(Path(self.folder.name) / "rows", 0, images, channels[embed]))
 
     def step(self, pixels: torch.Tensor, ids: torch.Tensor) -> None:
         # As the build does: embeddings go to host memory, copied while the next batch runs.

@@ -268,3 +268,20 @@ def test_sigkill_from_outside_at_a_random_moment_then_resume(data: Path, weights
     assert resumed.returncode == 0, resumed.stderr
     # The slow model is the same network under another factory name: only `model` and `config` differ.
     assert_same_index(out, reference, ignore=frozenset({"model", "config"}))
+
+
+def test_a_random_initialisation_is_the_same_in_every_process() -> None:
+    """Ranks and resumed runs build the network separately: without weights it must still be one network."""
+    from actindex.indexer.models import load_model
+
+    code = ("import hashlib, torch; from actindex.indexer.models import load_model; "
+            "m = load_model('resnet18').module; "
+            "print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in m.state_dict().values())).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=environment()).stdout for _ in range(2)}
+    assert len(digests) == 1
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    load_model("resnet18")
+    assert torch.equal(torch.rand(1), before), "loading a model must not move the caller's random stream"
