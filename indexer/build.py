@@ -322,14 +322,15 @@ class _Build:
         return 0 if config.resume else None
 
     def _check_visible(self) -> None:
-        """Every rank reads rank 0's manifest: several nodes need the output on a shared filesystem."""
-        try:
-            manifest = Manifest.load(self.folder)
-        except UserError:
-            manifest = None
-        if manifest is None or fingerprint_hash(manifest.fingerprint) != self.key:
+        """Every rank reads rank 0's manifest: several nodes need the output on a shared filesystem, and the
+        same image list and weights everywhere."""
+        if not (self.folder / "manifest.json").exists():
             raise UserError(f"rank {self.job.rank} on {socket.gethostname()} cannot see '{self.folder}' that "
                             "rank 0 wrote: with several nodes, --out must be on a filesystem all nodes share")
+        changed = differences(Manifest.load(self.folder).fingerprint, self.fingerprint, ("on rank 0", "here"))
+        if changed:
+            raise UserError(f"rank {self.job.rank} on {socket.gethostname()} does not see what rank 0 sees "
+                            f"({'; '.join(changed)}); every node needs the same data folder, weights and options")
 
     def _checkpoint(self, state: RankState, accumulator: IndexAccumulator, rows: RowFile | None) -> None:
         tick = time.perf_counter()

@@ -52,13 +52,14 @@ def image_list_hash(paths: list[str]) -> str:
     return digest.hexdigest()
 
 
-def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def differences(saved: dict[str, Any], current: dict[str, Any], where: tuple[str, str] = ("in the checkpoint", "now"),
+                ) -> list[str]:
     """'k: 9 in the checkpoint, 5 now' for every key whose value differs."""
     out = []
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
-            out.append(f"{_LABELS.get(key, key)}: {_short(saved.get(key))} in the checkpoint, "
-                       f"{_short(current.get(key))} now")
+            out.append(f"{_LABELS.get(key, key)}: {_short(saved.get(key))} {where[0]}, "
+                       f"{_short(current.get(key))} {where[1]}")
     return out
 
 

@@ -7,6 +7,7 @@ outside at a random moment.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -274,14 +275,32 @@ def test_a_random_initialisation_is_the_same_in_every_process() -> None:
     """Ranks and resumed runs build the network separately: without weights it must still be one network."""
     from actindex.indexer.models import load_model
 
+    def digest(model: torch.nn.Module) -> str:
+        return hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest()
+
     code = ("import hashlib, torch; from actindex.indexer.models import load_model; "
             "m = load_model('resnet18').module; "
             "print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in m.state_dict().values())).hexdigest())")
-    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              env=environment()).stdout for _ in range(2)}
-    assert len(digests) == 1
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=environment()).stdout.strip()
+    torch.manual_seed(1)  # whatever the caller's random state
+    assert digest(load_model("resnet18").module) == other
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
     load_model("resnet18")
     assert torch.equal(torch.rand(1), before), "loading a model must not move the caller's random stream"
+
+
+@pytest.mark.distributed
+def test_a_rank_that_sees_another_network_stops_the_job_before_any_work(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index.h5"
+    args = cli_args(data, Path("unused"), out)
+    at = args.index("--weights")
+    del args[at:at + 2]
+    args[args.index("tiny_models:tiny_net")] = "tiny_models:rank_dependent_net"
+    result = torchrun(2, args)
+    assert result.returncode != 0 and not out.exists()
+    assert "rank 1 failed: rank 1 on" in result.stderr
+    assert "embedding size: 16 on rank 0, 12 here" in result.stderr
+    assert result.stderr.count("does not see what rank 0 sees") == 1  # printed by rank 0 only

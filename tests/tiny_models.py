@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -75,3 +76,12 @@ class SlowNet(TinyNet):
 
 def slow_tiny_net() -> nn.Module:
     return SlowNet()
+
+
+def rank_dependent_net() -> nn.Module:
+    """A TinyNet whose last conv is narrower on rank 1: as if that node had other code or weights."""
+    model = tiny_net()
+    if os.environ.get("RANK") == "1":
+        model.down = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        model.head = nn.Linear(12, 5)
+    return model
