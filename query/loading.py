@@ -1,0 +1,76 @@
+"""Getting back what an index was built with: its network (same weights, checked) and its images.
+
+An index records the model spec, the weights (a torchvision enum, timm's pretrained tag, or the absolute path
+and sha256 of a state-dict file), the preprocessing and the data root. Queries that recompute activations
+load exactly that; when something moved, the error says what and which option points at the new place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actindex.indexer.errors import UserError
+from actindex.indexer.images import CropGeometry, ImageReadError, crop_geometry, load_rgb, preprocess
+from actindex.indexer.models import LoadedModel, load_model, sha256_file
+
+
+def weights_argument(recorded: str) -> str | None:
+    """The `--weights` value that loads what the index recorded: 'ResNet18_Weights.IMAGENET1K_V1' ->
+    'IMAGENET1K_V1', 'timm:NAME' -> 'DEFAULT', a path stays a path, '' (random init, seed 0) -> None."""
+    if not recorded:
+        return None
+    if recorded.startswith("timm:"):
+        return "DEFAULT"
+    if "_Weights." in recorded and "/" not in recorded:
+        return recorded.split(".", 1)[1]
+    return recorded
+
+
+def load_index_model(attrs: dict[str, Any], weights: str | None = None,
+                     device: torch.device | str = "cpu") -> LoadedModel:
+    """The index's network. `weights` replaces a weights file that moved; its contents must be the same."""
+    recorded = str(attrs.get("weights", ""))
+    expected_sha = str(attrs.get("weights_sha256", ""))
+    argument = weights or weights_argument(recorded)
+    if argument and expected_sha and not Path(argument).is_file():
+        raise UserError(f"the index was built with the weights file '{recorded}', which is not there any more; "
+                        "pass --weights PATH to a copy of it")
+    if argument and expected_sha and sha256_file(Path(argument)) != expected_sha:
+        raise UserError(f"weights '{argument}' are not the file the index was built with (sha256 differs); "
+                        "pass --weights PATH to the original file, or rebuild the index")
+    return load_model(str(attrs["model"]), argument, device)
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    path: str  # relative to the data root, as in the index
+    pixels: torch.Tensor  # (3, S, S) uint8, the network input
+    geometry: CropGeometry  # where the network input lies in the original image
+    original: Any  # the decoded RGB PIL image, at its own resolution
+
+
+def data_root(attrs: dict[str, Any], override: Path | None) -> Path:
+    return Path(override) if override is not None else Path(str(attrs["data_root"]))
+
+
+def load_index_images(root: Path, paths: list[str], input_size: int, root_given: bool) -> list[LoadedImage]:
+    """Decode and preprocess as the build did; a missing or changed file is a one-line error."""
+    images = []
+    for path in paths:
+        full = root / path
+        if not full.is_file():
+            hint = "check that it was not moved or deleted" if root_given else \
+                "if the data moved, pass --data-root NEW_ROOT (the folder the index was built from)"
+            raise UserError(f"image '{path}' of the index is not under '{root}'; {hint}")
+        try:
+            original = load_rgb(full)
+        except ImageReadError as error:
+            raise UserError(f"image '{full}' can no longer be read ({error}); it changed since the build: "
+                            "rebuild the index") from error
+        images.append(LoadedImage(path, preprocess(original, input_size),
+                                  crop_geometry(original.width, original.height, input_size), original))
+    return images

@@ -1,0 +1,207 @@
+"""What does unit U of layer L respond to? Its top images from the index, re-run to check them, and which
+pixels of each drive it: guided backpropagation (Springenberg et al. 2015) and the plain gradient.
+
+Conventions: maps are gradients of the unit's activation at its recorded feature position with respect to
+the normalized network input, (3, S, S) per hit, in network-input pixels. Boxes are (y0, x0, y1, x1),
+half-open, in network-input pixels (`box`) and in the original image's pixels (`box_original`).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from actindex.indexer.errors import UserError, not_found
+from actindex.indexer.index_file import IndexReader
+from actindex.indexer.taps import first_tensor
+from actindex.kernels.guided import GuidedBackprop
+
+from .loading import LoadedImage, data_root, load_index_images, load_index_model
+
+# A recomputed activation must match the index to this relative tolerance (of the unit's best value): builds
+# on a GPU use TF32 convolutions, whose values differ from the CPU's in the third digit.
+TOLERANCE = 1e-2
+
+
+class _Reached(Exception):
+    """Raised from the forward hook once the layer has run: the rest of the network is not needed."""
+
+
+def unit_activations(model: nn.Module, layer: str, unit: int, x: torch.Tensor, ys: torch.Tensor,
+                     xs: torch.Tensor) -> torch.Tensor:
+    """(B,) activation of `unit` of `layer` at positions (ys[b], xs[b]) for the batch `x`, differentiable.
+
+    The value is taken inside the hook, before any later in-place op can rewrite the layer's output, and the
+    forward pass stops there.
+    """
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise not_found("layer", layer, [n for n in modules if n])
+    taken: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        out = first_tensor(output)
+        rows = torch.arange(out.shape[0], device=out.device)
+        if out.ndim == 4:  # (B, C, H, W)
+            taken.append(out[rows, unit, ys.to(out.device), xs.to(out.device)])
+        elif out.ndim == 2:  # (B, C): one position
+            taken.append(out[rows, unit])
+        else:
+            raise UserError(f"layer '{layer}' gives {out.ndim}-D outputs; choose a convolutional or linear layer")
+        raise _Reached
+
+    handle = modules[layer].register_forward_hook(hook)
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not taken:
+        raise UserError(f"layer '{layer}' does not run in the model's forward pass; choose another")
+    return taken[0]
+
+
+@dataclass
+class Attribution:
+    values: torch.Tensor  # (B,) the unit's activation per image
+    gradient: torch.Tensor  # (B, 3, S, S) plain gradient
+    guided: torch.Tensor  # (B, 3, S, S) guided backpropagation
+    unguided: dict[str, int]  # activations guided backprop is not defined for, and how often they ran
+
+
+def attribute(model: nn.Module, layer: str, unit: int, x: torch.Tensor, ys: torch.Tensor,
+              xs: torch.Tensor) -> Attribution:
+    """Plain gradient and guided backprop of one unit, for all images of a batch in one backward pass each.
+
+    `x` is the normalized (B, 3, S, S) input. Images do not interact (eval mode), so summing the per-image
+    activations before `backward` gives each image its own gradient.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # gradients of the weights are not wanted: skip computing them
+        p.requires_grad_(False)
+    try:
+        plain_input = x.detach().clone().requires_grad_(True)
+        values = unit_activations(model, layer, unit, plain_input, ys, xs)
+        (gradient,) = torch.autograd.grad(values.sum(), plain_input)
+        guided_input = x.detach().clone().requires_grad_(True)
+        with GuidedBackprop() as mode:
+            guided_values = unit_activations(model, layer, unit, guided_input, ys, xs)
+        (guided,) = torch.autograd.grad(guided_values.sum(), guided_input)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return Attribution(values.detach(), gradient, guided, dict(mode.unguided))
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int  # 0 for the unit's best image
+    image_id: int
+    path: str
+    score: float  # as recorded in the index
+    recomputed: float
+    y: int
+    x: int
+    box: tuple[int, int, int, int]  # network-input pixels
+    box_original: tuple[int, int, int, int]  # original-image pixels
+    image_size: tuple[int, int]  # original (height, width)
+
+
+@dataclass
+class NeuronResult:
+    index: Path
+    layer: str
+    unit: int
+    channels: int
+    input_size: int
+    rf_size: tuple[int, int]
+    hits: list[Hit]
+    images: list[LoadedImage]
+    gradient: np.ndarray  # (n, 3, S, S) float32
+    guided: np.ndarray  # (n, 3, S, S) float32
+    unguided: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {"index": str(self.index), "layer": self.layer, "unit": self.unit, "channels": self.channels,
+                "input_size": self.input_size, "receptive_field": list(self.rf_size),
+                "hits": [{"rank": h.rank, "image_id": h.image_id, "path": h.path, "score": h.score,
+                          "recomputed": h.recomputed, "position": [h.y, h.x], "box": list(h.box),
+                          "box_original": list(h.box_original), "image_size": list(h.image_size)}
+                         for h in self.hits],
+                "unguided_activations": self.unguided}
+
+
+def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data: Path | None = None,
+                 weights: str | None = None, device: str = "cpu") -> NeuronResult:
+    """The unit's top hits from `index`, each re-run through the network and checked, with their maps."""
+    with IndexReader(index) as reader:
+        hits = reader.layer(layer)
+        attrs = reader.attrs
+        paths = reader.image_paths()
+    if not 0 <= unit < hits.channels:
+        raise UserError(f"unit {unit} is out of range: layer '{layer}' has {hits.channels} units "
+                        f"(0-{hits.channels - 1})")
+    available = int((hits.image[unit] >= 0).sum())
+    if available == 0:
+        raise UserError(f"unit {unit} of layer '{layer}' has no hits in the index (no readable images)")
+    count = available if k is None else min(k, available)
+    if count < 1:
+        raise UserError(f"--k must be at least 1, got {k}")
+    ids = [int(i) for i in hits.image[unit][:count]]
+    input_size = int(attrs["input_size"])
+    images = load_index_images(data_root(attrs, data), [paths[i] for i in ids], input_size, data is not None)
+    loaded = load_index_model(attrs, weights, device)
+    mean = torch.tensor(attrs["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(attrs["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    pixels = torch.stack([image.pixels for image in images]).to(device)  # (n, 3, S, S) uint8
+    x = (pixels.float() / 255.0 - mean) / std
+    ys = torch.as_tensor(hits.y[unit][:count], dtype=torch.int64)
+    xs = torch.as_tensor(hits.x[unit][:count], dtype=torch.int64)
+    result = attribute(loaded.module, layer, unit, x, ys, xs)
+    recorded = hits.value[unit][:count]
+    _check_reproduced(layer, unit, [images[i].path for i in range(count)], recorded, result.values.cpu().numpy())
+    rows = []
+    for rank in range(count):
+        box = tuple(int(v) for v in hits.box[unit][rank])
+        geometry = images[rank].geometry
+        rows.append(Hit(rank, ids[rank], images[rank].path, float(recorded[rank]),
+                        float(result.values[rank]), int(hits.y[unit][rank]), int(hits.x[unit][rank]),
+                        box, geometry.to_original(box), (geometry.height, geometry.width)))  # type: ignore[arg-type]
+    return NeuronResult(index, layer, unit, hits.channels, input_size, hits.rf_size, rows, images,
+                        result.gradient.cpu().numpy(), result.guided.cpu().numpy(), result.unguided)
+
+
+def _check_reproduced(layer: str, unit: int, paths: list[str], recorded: np.ndarray, now: np.ndarray) -> None:
+    scale = max(1.0, float(np.abs(recorded).max()))
+    for path, before, after in zip(paths, recorded, now, strict=True):
+        if not math.isclose(float(before), float(after), rel_tol=TOLERANCE, abs_tol=TOLERANCE * scale):
+            raise UserError(f"layer '{layer}' unit {unit} gives {after:.4g} on '{path}' now but {before:.4g} in "
+                            "the index: the model, its weights or the image changed since the build; rebuild "
+                            "the index, or pass the original --weights / --data-root")
+
+
+def save_maps(result: NeuronResult, path: Path) -> None:
+    """The per-hit maps as arrays (network-input coordinates), with the hits they belong to; written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        np.savez_compressed(f, guided=result.guided.astype(np.float32), gradient=result.gradient.astype(np.float32),
+                            image_id=np.array([h.image_id for h in result.hits], dtype=np.int64),
+                            score=np.array([h.score for h in result.hits], dtype=np.float32),
+                            position=np.array([[h.y, h.x] for h in result.hits], dtype=np.int32).reshape(-1, 2),
+                            box=np.array([h.box for h in result.hits], dtype=np.int32).reshape(-1, 4))
+    tmp.replace(path)
+
+
+def describe_unguided(unguided: dict[str, int]) -> str:
+    if not unguided:
+        return ""
+    names = ", ".join(f"{name} ({count}x)" for name, count in collections.Counter(unguided).most_common())
+    return (f"guided backprop is not defined for {names}: gradients pass through them unchanged, so the guided "
+            "maps are only partly guided")

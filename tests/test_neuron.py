@@ -1,0 +1,184 @@
+"""`actindex neuron`: a unit's hits re-run and checked, their maps against one-image-at-a-time references."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torchvision import transforms
+
+from actindex.indexer.build import BuildConfig, build_index
+from actindex.indexer.errors import UserError
+from actindex.indexer.index_file import IndexReader
+from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
+from actindex.query.cli import main
+from actindex.query.neuron import attribute, query_neuron
+from actindex.query.render import TILE, neuron_sheet, patch_image
+
+from test_build import SIZE, make_images
+from tiny_models import tiny_net
+
+LAYERS = ("stem", "block", "down", "head")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(index, data, weights): the images are big enough that patches from the originals are sharper."""
+    root = tmp_path_factory.mktemp("neuron")
+    data = root / "data"
+    make_images(data, n=20, seed=3)
+    big = Image.fromarray(np.random.default_rng(4).integers(0, 256, (8, 10, 3), dtype=np.uint8))
+    big.resize((400, 320), Image.Resampling.BICUBIC).save(data / "class0" / "big.png")
+    weights = root / "tiny.pt"
+    torch.save(tiny_net().state_dict(), weights)
+    index = root / "index.h5"
+    build_index(BuildConfig(data=data, model="tiny_models:tiny_net", out=index, weights=str(weights),
+                            layers=LAYERS, k=6, input_size=SIZE, batch_size=8, workers=0, embed_layer="down",
+                            device="cpu"))
+    return index, data, weights
+
+
+def reference_maps(data: Path, path: str, weights: Path, layer: str, unit: int, y: int, x: int) -> torch.Tensor:
+    """The plain gradient of one image, through torchvision transforms and a fresh model, no actindex code."""
+    model = tiny_net()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    preprocess = transforms.Compose([transforms.Resize(round(SIZE * 256 / 224)), transforms.CenterCrop(SIZE),
+                                     transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    x_in = preprocess(Image.open(data / path).convert("RGB")).unsqueeze(0).requires_grad_(True)
+    captured: dict[str, torch.Tensor] = {}
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda m, i, o: captured.__setitem__("out", o.clone()))  # clone: the in-place ReLU after 'stem'
+    model(x_in)
+    handle.remove()
+    out = captured["out"]
+    value = out[0, unit, y, x] if out.ndim == 4 else out[0, unit]
+    value.backward()
+    return x_in.grad[0]
+
+
+@pytest.mark.parametrize(("layer", "unit"), [("stem", 2), ("block", 5), ("down", 11), ("head", 3)])
+def test_hits_are_the_index_and_gradients_equal_a_one_image_reference(built: tuple[Path, Path, Path], layer: str,
+                                                                     unit: int) -> None:
+    index, data, weights = built
+    result = query_neuron(index, layer, unit, k=4)
+    with IndexReader(index) as reader:
+        stored = reader.layer(layer)
+        paths = reader.image_paths()
+    assert [h.image_id for h in result.hits] == stored.image[unit][:4].tolist()
+    assert [h.path for h in result.hits] == [paths[i] for i in stored.image[unit][:4]]
+    for rank, hit in enumerate(result.hits):
+        assert hit.score == pytest.approx(float(stored.value[unit][rank]))
+        assert hit.recomputed == pytest.approx(hit.score, rel=1e-4, abs=1e-5)
+        assert list(hit.box) == stored.box[unit][rank].tolist()
+        assert hit.box_original == result.images[rank].geometry.to_original(hit.box)
+        expected = reference_maps(data, hit.path, weights, layer, unit, hit.y, hit.x)
+        np.testing.assert_allclose(result.gradient[rank], expected.numpy(), rtol=1e-4, atol=1e-6)
+    assert result.guided.shape == result.gradient.shape == (4, 3, SIZE, SIZE)
+    if layer == "stem":  # no ReLU between the input and the first conv: guided = plain
+        np.testing.assert_allclose(result.guided, result.gradient)
+    else:
+        assert not np.allclose(result.guided, result.gradient)
+
+
+def test_a_batch_of_hits_gives_each_image_its_own_maps(built: tuple[Path, Path, Path]) -> None:
+    index, _, _ = built
+    result = query_neuron(index, "down", 7, k=5)
+    model = tiny_net()
+    model.load_state_dict(torch.load(built[2], weights_only=True))
+    model.eval()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for rank, (hit, image) in enumerate(zip(result.hits, result.images, strict=True)):
+        x = (image.pixels.unsqueeze(0).float() / 255 - mean) / std
+        alone = attribute(model, "down", 7, x, torch.tensor([hit.y]), torch.tensor([hit.x]))
+        np.testing.assert_allclose(result.guided[rank], alone.guided[0].numpy(), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(result.gradient[rank], alone.gradient[0].numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_patches_come_from_the_original_when_it_is_sharper(built: tuple[Path, Path, Path]) -> None:
+    index, _, _ = built
+    with IndexReader(index) as reader:
+        big = reader.image_paths().index("class0/big.png")
+        down = reader.layer("down")
+    unit = next(u for u in range(down.channels) if big in down.image[u].tolist())
+    result = query_neuron(index, "down", unit)
+    rank = [h.image_id for h in result.hits].index(big)
+    hit = result.hits[rank]
+    oy0, ox0, oy1, ox1 = hit.box_original
+    assert patch_image(result, rank).size == (ox1 - ox0, oy1 - oy0)  # 320 px originals vs 48 px input
+    assert (oy1 - oy0) > (hit.box[2] - hit.box[0])
+    sheet = neuron_sheet(result, context=True, columns=3)
+    assert sheet.width >= 3 * TILE and sheet.height >= 2 * 4 * TILE
+
+
+def test_a_changed_image_or_weights_file_is_reported(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    index, data, weights = built
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    hit = query_neuron(index, "down", 3, k=1).hits[0]
+    Image.new("RGB", (60, 60), (10, 200, 30)).save(copy / hit.path)
+    with pytest.raises(UserError, match=r"gives .* now but .* in the index: the model, its weights or the image "
+                                        "changed"):
+        query_neuron(index, "down", 3, k=1, data=copy)
+    other = tmp_path / "other.pt"
+    state = tiny_net().state_dict()
+    state["down.weight"] = state["down.weight"] * 2
+    torch.save(state, other)
+    with pytest.raises(UserError, match="not the file the index was built with"):
+        query_neuron(index, "down", 3, k=1, weights=str(other))
+
+
+def test_moved_images_name_the_file_and_the_option(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    index, data, _ = built
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    original = tmp_path / "gone"
+    data.rename(original)
+    try:
+        with pytest.raises(UserError, match="is not under .*; if the data moved, pass --data-root NEW_ROOT"):
+            query_neuron(index, "block", 1, k=2)
+        assert len(query_neuron(index, "block", 1, k=2, data=moved).hits) == 2
+    finally:
+        original.rename(data)
+
+
+def test_cli_json_picture_and_maps_agree(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    index, _, _ = built
+    out, maps = tmp_path / "unit.png", tmp_path / "maps.npz"
+    result = CliRunner().invoke(main, ["neuron", str(index), "--layer", "block", "--unit", "4", "--k", "3",
+                                       "--out", str(out), "--save-maps", str(maps), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["outputs"] == {"image": str(out), "maps": str(maps)}
+    assert [h["rank"] for h in report["hits"]] == [0, 1, 2]
+    arrays = np.load(maps)
+    assert arrays["guided"].shape == arrays["gradient"].shape == (3, 3, SIZE, SIZE)
+    assert arrays["image_id"].tolist() == [h["image_id"] for h in report["hits"]]
+    assert arrays["box"].tolist() == [h["box"] for h in report["hits"]]
+    picture = Image.open(out)
+    assert picture.width == 6 + 3 * (TILE + 6)  # three columns, one per hit
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--layer", "nope", "--unit", "0"], "unknown layer 'nope'"),
+    (["--layer", "down", "--unit", "16"], r"unit 16 is out of range: layer 'down' has 16 units \(0-15\)"),
+    (["--layer", "down", "--unit", "-1"], "out of range"),
+])
+def test_cli_errors_are_one_line(built: tuple[Path, Path, Path], tmp_path: Path, args: list[str],
+                                 message: str) -> None:
+    index, _, _ = built
+    out = tmp_path / "unit.png"
+    result = CliRunner().invoke(main, ["neuron", str(index), *args, "--out", str(out)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ")
+    assert re.search(message, lines[0])
+    assert not out.exists()
