@@ -5,7 +5,9 @@ Command modules import torch only when a command runs, so `actindex --help` is i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -29,7 +31,171 @@ def demo(out: Path, images_per_photo: int, workers: int, device: str | None, ove
              echo=click.echo)
 
 
-@click.group(cls=ActindexGroup, commands={**COMMANDS, "demo": demo})
+def _device(requested: str | None) -> str:
+    from actindex.indexer.distributed import resolve_device
+
+    return str(resolve_device(requested))
+
+
+@click.command()
+@click.argument("index", type=click.Path(path_type=Path))
+@click.option("--layer", required=True, help="Layer name, as listed by 'actindex info INDEX'.")
+@click.option("--unit", required=True, type=int, help="Channel number in that layer.")
+@click.option("--k", type=int, help="Hits to show. Default: all the index keeps.")
+@click.option("--out", type=click.Path(path_type=Path), help="PNG to write. Default: LAYER-unitU.png here.")
+@click.option("--context", is_flag=True, help="Also show each whole image with the patch's box.")
+@click.option("--json", "as_json", is_flag=True, help="Print the hits and output paths as JSON.")
+@click.option("--save-maps", type=click.Path(path_type=Path),
+              help="Write the per-hit guided and gradient maps (network-input pixels) to this .npz.")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Where the images are now, if they moved.")
+@click.option("--weights", help="Where the index's weights file is now, if it moved (same contents).")
+@click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
+def neuron(index: Path, layer: str, unit: int, k: int | None, out: Path | None, context: bool, as_json: bool,
+           save_maps: Path | None, data_root: Path | None, weights: str | None, device: str | None) -> None:
+    """A unit's top image patches, with guided backprop and gradients of each (Zeiler & Fergus style)."""
+    from .neuron import describe_unguided, query_neuron
+    from .neuron import save_maps as write_maps
+    from .render import neuron_sheet, save_png
+
+    result = query_neuron(index, layer, unit, k=k, data=data_root, weights=weights, device=_device(device))
+    out = out or Path(f"{layer}-unit{unit}.png")
+    save_png(neuron_sheet(result, context=context), out)
+    if save_maps is not None:
+        write_maps(result, save_maps)
+    if result.unguided:
+        click.echo(f"Note: {describe_unguided(result.unguided)}", err=True)
+    if as_json:
+        click.echo(json.dumps({**result.to_json(), "outputs": {"image": str(out),
+                                                               "maps": str(save_maps) if save_maps else None}},
+                              indent=2))
+        return
+    click.echo(f"{layer} unit {unit}: {len(result.hits)} hits, each activation reproduced from the image")
+    for hit in result.hits:
+        click.echo(f"  #{hit.rank + 1} {hit.score:9.4g}  {hit.path}  box {list(hit.box)} "
+                   f"(original pixels {list(hit.box_original)})")
+    click.echo(f"Wrote {out}" + (f" and {save_maps}" if save_maps else ""))
+
+
+def _model_for(index: Path | None, model: str | None, weights: str | None, device: str) -> tuple[Any, dict]:
+    """(LoadedModel, index attributes or {}) from an index, or from --model/--weights."""
+    from actindex.indexer.errors import UserError
+    from actindex.indexer.models import load_model
+
+    if index is not None:
+        from actindex.indexer.index_file import IndexReader
+
+        from .loading import load_index_model
+
+        with IndexReader(index) as reader:
+            attrs = reader.attrs
+        if model is not None and model != attrs["model"]:
+            raise UserError(f"--model '{model}' is not the index's model '{attrs['model']}'; give one or the other")
+        return load_index_model(attrs, weights, device), attrs
+    if model is None:
+        raise UserError("give an index (INDEX.h5) or --model NAME [--weights W]")
+    return load_model(model, weights, device), {}
+
+
+@click.command()
+@click.argument("index", required=False, type=click.Path(path_type=Path))
+@click.option("--model", help="Instead of an index: torchvision name, timm:NAME, or package.module:factory.")
+@click.option("--weights", help="Weights enum name or state-dict file (with --model), or where the index's "
+                                "weights file is now.")
+@click.option("--layer", help="A convolution layer. Default: the first one the input reaches.")
+@click.option("--out", default="filters.png", show_default=True, type=click.Path(path_type=Path))
+@click.option("--scale", default=8, show_default=True, type=int, help="Screen pixels per weight (no blur).")
+def filters(index: Path | None, model: str | None, weights: str | None, layer: str | None, out: Path,
+            scale: int) -> None:
+    """A convolution's filters as pictures: RGB tiles for the first layer, grey per input channel deeper."""
+    from .filters import filter_grid, first_conv, layer_weight
+    from .render import save_png
+
+    loaded, attrs = _model_for(index, model, weights, "cpu")
+    name = layer or first_conv(loaded.module, int(attrs.get("input_size", 224)))
+    weight = layer_weight(loaded.module, name)
+    save_png(filter_grid(weight, scale=scale), out)
+    o, i, kh, kw = weight.shape
+    kind = "RGB" if i == 3 else "grey, one tile per input channel" if i > 1 else "grey"
+    click.echo(f"{name}: {o} filters of {i}x{kh}x{kw} ({kind}, scaled symmetrically around 0 = mid-grey)")
+    click.echo(f"Wrote {out}")
+
+
+@click.command()
+@click.option("--index", type=click.Path(path_type=Path),
+              help="Take model, weights and preprocessing from this index, and compare with its best images.")
+@click.option("--model", help="torchvision name, timm:NAME, or package.module:factory (or give --index).")
+@click.option("--weights", help="Weights enum name or state-dict file.")
+@click.option("--layer", help="Layer of the unit to maximize (omit with --class).")
+@click.option("--unit", type=int, help="Channel of that layer.")
+@click.option("--class", "class_index", type=int, help="Maximize this class logit (the model's output) instead.")
+@click.option("--objective", type=click.Choice(["center", "mean"]), default="center", show_default=True,
+              help="The unit at the centre position of its map, or its spatial mean.")
+@click.option("--out", default="dream.png", show_default=True, type=click.Path(path_type=Path))
+@click.option("--steps", type=int, help="Gradient ascent steps.")
+@click.option("--lr", type=float, help="Step size, in normalized input units per pixel.")
+@click.option("--blur-every", type=int, help="Gaussian blur after every N steps (0: never).")
+@click.option("--blur-sigma", type=float, help="Blur radius in pixels.")
+@click.option("--l2", "l2_decay", type=float, help="L2 decay per step.")
+@click.option("--jitter", type=int, help="Random shift per step, in pixels.")
+@click.option("--clip-norm", type=float, help="Zero pixels below this percentile of RGB norm each step.")
+@click.option("--clip-contribution", type=float,
+              help="Zero pixels below this percentile of |x·gradient| each step.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--input-size", type=int, help="Image size. Default: the index's, else 224.")
+@click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
+def dream(index: Path | None, model: str | None, weights: str | None, layer: str | None, unit: int | None,
+          class_index: int | None, objective: str, out: Path, steps: int | None, lr: float | None,
+          blur_every: int | None, blur_sigma: float | None, l2_decay: float | None, jitter: int | None,
+          clip_norm: float | None, clip_contribution: float | None, seed: int, input_size: int | None,
+          device: str | None) -> None:
+    """Synthesize an image that excites a unit (gradient ascent with Yosinski et al.'s regularizers)."""
+    import dataclasses
+
+    from PIL import Image
+
+    from actindex.indexer.errors import UserError
+
+    from .dream import DreamConfig
+    from .dream import dream as run_dream
+    from .render import save_png
+
+    if (class_index is None) == (layer is None and unit is None) or (layer is None) != (unit is None):
+        raise UserError("give --layer L --unit U, or --class C")
+    target = _device(device)
+    loaded, attrs = _model_for(index, model, weights, target)
+    changes: dict[str, Any] = {key: value for key, value in (
+        ("steps", steps), ("lr", lr), ("blur_every", blur_every), ("blur_sigma", blur_sigma),
+        ("l2_decay", l2_decay), ("jitter", jitter), ("clip_norm_percentile", clip_norm),
+        ("clip_contribution_percentile", clip_contribution),
+        ("input_size", input_size or attrs.get("input_size"))) if value is not None}
+    config = dataclasses.replace(DreamConfig(), objective="logit" if class_index is not None else objective,
+                                 seed=seed, **changes)
+    mean = attrs.get("mean", loaded.mean)
+    std = attrs.get("std", loaded.std)
+    chosen = class_index if class_index is not None else unit
+    assert chosen is not None
+    result = run_dream(loaded.module, layer, chosen, mean, std, config, target)
+    save_png(Image.fromarray(result.image), out)
+    what = f"class {class_index}" + (f" ({loaded.categories[class_index]})" if class_index is not None and
+                                     class_index < len(loaded.categories) else "") \
+        if class_index is not None else f"{layer} unit {unit} ({config.objective})"
+    click.echo(f"{what}: activation {result.start_activation:.4g} -> {result.activation:.4g} after "
+               f"{config.steps} steps (seed {seed})")
+    if index is not None and layer is not None and unit is not None:
+        from actindex.indexer.index_file import IndexReader
+
+        with IndexReader(index) as reader:
+            if layer in reader.layer_names:
+                hits = reader.layer(layer)
+                best, image = float(hits.value[unit][0]), int(hits.image[unit][0])
+                click.echo(f"best in the dataset: {best:.4g} (spatial max) on {reader.image_paths()[image]}; "
+                           f"the dream reaches {result.activation / best:.2f}x of it" if image >= 0 else
+                           "the index has no hits for this unit")
+    click.echo(f"Wrote {out}")
+
+
+@click.group(cls=ActindexGroup, commands={**COMMANDS, "demo": demo, "neuron": neuron, "filters": filters,
+                                          "dream": dream})
 @click.version_option(package_name="actindex")
 @debug_option
 def main(debug: bool) -> None:

@@ -122,7 +122,54 @@ def run_demo(out: Path, images_per_photo: int = 16, workers: int = 2, device: st
         echo(f"Indexed {summary.indexed} images ({summary.skipped} skipped) in {summary.seconds:.1f} s, "
              f"{summary.images_per_second:.1f} images/s on {summary.device}")
     tour(index, echo)
+    pictures(index, out, device, echo)
     return index
+
+
+def pictures(index: Path, out: Path, device: str | None = None, echo: Echo = print) -> list[Path]:
+    """What a person looks at: a few units' patches with guided backprop, the first-layer filters, a dream."""
+    from PIL import Image
+
+    from actindex.indexer.distributed import resolve_device
+    from actindex.indexer.index_file import IndexReader
+
+    from .dream import DreamConfig, dream
+    from .filters import filter_grid, first_conv, layer_weight
+    from .loading import load_index_model
+    from .neuron import describe_unguided, query_neuron
+    from .render import neuron_sheet, save_png
+
+    target = str(resolve_device(device))
+    with IndexReader(index) as reader:
+        paths = reader.image_paths()
+        attrs = reader.attrs
+        units = [(LOGIT_LAYER, 285), (LOGIT_LAYER, 967)]  # Egyptian cat, espresso
+        for name in ("blocks.2", "blocks.4", "conv_head"):
+            units += [(name, unit) for unit, _, _ in _pure_units(reader.layer(name).image, paths)[:1]]
+        espresso_best = float(reader.layer(LOGIT_LAYER).value[967][0])
+    written = []
+    echo("\nPictures (patches from the original photos, guided backprop, gradient; 6 best images each):")
+    for layer, unit in units:
+        result = query_neuron(index, layer, unit, k=6, device=target)
+        path = out / "units" / f"{layer}-unit{unit}.png"
+        save_png(neuron_sheet(result, context=True, columns=6), path)
+        written.append(path)
+        echo(f"  {path}: {layer} unit {unit}, best {result.hits[0].path} ({result.hits[0].score:.3g})")
+        if result.unguided:
+            echo(f"    note: {describe_unguided(result.unguided)}")
+    loaded = load_index_model(attrs, None, target)
+    stem = first_conv(loaded.module)
+    path = out / "filters.png"
+    save_png(filter_grid(layer_weight(loaded.module, stem), scale=12), path)
+    written.append(path)
+    echo(f"  {path}: the {stem} filters, mid-grey = 0")
+    dreamed = dream(loaded.module, None, 967, attrs["mean"], attrs["std"], DreamConfig(objective="logit"), target)
+    path = out / "dream-espresso.png"
+    save_png(Image.fromarray(dreamed.image), path)
+    written.append(path)
+    echo(f"  {path}: gradient ascent on the 'espresso' logit from noise reaches {dreamed.activation:.3g} "
+         f"(the best photo in the index: {espresso_best:.3g})")
+    return written
 
 
 def tour(index: Path, echo: Echo = print) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,3 +53,15 @@ def test_demo_runs_end_to_end(tmp_path: Path, weights: Path) -> None:
     with IndexReader(index) as reader:
         assert reader.layer_names == list(LAYERS)
         assert reader.attrs["num_images"] == 2 * 19 + 1
+    pictures = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
+    assert pictures[:2] == ["dream-espresso.png", "filters.png"]
+    assert "units/classifier-unit285.png" in pictures and "units/classifier-unit967.png" in pictures
+    assert len([p for p in pictures if p.startswith("units/")]) == 5
+    # The dream is an espresso to the network itself, read back from the PNG as any image would be.
+    loaded = load_model(MODEL, str(weights))
+    mean = torch.tensor(loaded.mean).view(3, 1, 1)
+    std = torch.tensor(loaded.std).view(3, 1, 1)
+    dreamed = Image.open(tmp_path / "dream-espresso.png").convert("RGB")
+    x = (torch.from_numpy(np.asarray(dreamed).copy()).permute(2, 0, 1).float() / 255 - mean) / std
+    with torch.inference_mode():
+        assert int(loaded.module(x.unsqueeze(0))[0].argmax()) == 967
