@@ -182,3 +182,19 @@ def test_cli_errors_are_one_line(built: tuple[Path, Path, Path], tmp_path: Path,
     assert len(lines) == 1 and lines[0].startswith("Error: ")
     assert re.search(message, lines[0])
     assert not out.exists()
+
+
+def test_a_weights_file_that_moved_is_named_and_can_be_pointed_at(built: tuple[Path, Path, Path],
+                                                                 tmp_path: Path) -> None:
+    index, _, weights = built
+    moved = tmp_path / "moved.pt"
+    shutil.copy(weights, moved)
+    weights.rename(tmp_path / "gone.pt")
+    try:
+        with pytest.raises(UserError, match="built with the weights file .*tiny.pt', which is not there any "
+                                            "more; pass --weights PATH"):
+            query_neuron(index, "down", 1, k=1)
+        hit = query_neuron(index, "down", 1, k=1, weights=str(moved)).hits[0]
+        assert hit.recomputed == pytest.approx(hit.score, rel=1e-4)
+    finally:
+        (tmp_path / "gone.pt").rename(weights)
