@@ -46,6 +46,7 @@ from .images import DEFAULT_MAX_PIXELS, ImageDataset, ImageList, scan_folder
 from .index_file import IndexWriter, LayerHits, atomic_output, check_output
 from .layers import addressable_layers, resolve_layers
 from .models import LoadedModel, load_model
+from .vector_file import NONE, build_beside, vector_index_path
 
 
 class Progress(Protocol):
@@ -92,6 +93,7 @@ class BuildConfig:
     overwrite: bool = False
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # images per process between checkpoints; 0: never
     resume: bool = False  # continue the partial build beside `out`, if there is one
+    faiss_factory: str | None = None  # None: chosen by the data's size; "none": no FAISS file
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,7 @@ class _Build:
         self.fingerprint = fingerprint(plan, job.world_size)
         self.key = fingerprint_hash(self.fingerprint)
         self.shards = shard_ranges(len(plan.images.paths), self.config.batch_size, job.world_size)
-        self.timings = {"stream": 0.0, "checkpoint": 0.0, "merge": 0.0, "write": 0.0}
+        self.timings = {"stream": 0.0, "checkpoint": 0.0, "merge": 0.0, "write": 0.0, "faiss": 0.0}
         self._shown = (0, 0)  # the job's (images, skipped) the progress bar has been told about
 
     def _show(self, bar: Progress, totals: tuple[int, int] | None) -> None:
@@ -398,18 +400,32 @@ class _Build:
                 raise UserError(f"rank {rank} did not finish its shard (no final checkpoint in '{self.folder}'); "
                                 "rerun with --resume")
             skipped += state.skipped
-        with atomic_output(config.out, config.overwrite) as tmp:
-            with h5py.File(tmp, "w") as h5:
-                writer = IndexWriter(h5)
-                writer.write_images(plan.images.paths, plan.images.labels, plan.images.classes)
-                if plan.embed_layer is not None:
-                    self._copy_rows(writer.create_embeddings(plan.embed_layer, len(plan.images.paths),
-                                                             plan.embed_dim))
-                for name, result in accumulator.results().items():
-                    writer.write_layer(layer_hits(plan.geometry[name], result, config.input_size))
-                writer.write_skipped([(plan.images.paths[i], reason) for i, reason in skipped])
-                writer.write_attrs(_attrs(plan, self.job.world_size, len(skipped), seconds))
-            fsync_file(tmp)
+        faiss_tmp: Path | None = None
+        try:
+            with atomic_output(config.out, config.overwrite) as tmp:
+                with h5py.File(tmp, "w") as h5:
+                    writer = IndexWriter(h5)
+                    writer.write_images(plan.images.paths, plan.images.labels, plan.images.classes)
+                    for name, result in accumulator.results().items():
+                        writer.write_layer(layer_hits(plan.geometry[name], result, config.input_size))
+                    writer.write_skipped([(plan.images.paths[i], reason) for i, reason in skipped])
+                    attrs = _attrs(plan, self.job.world_size, len(skipped), seconds)
+                    if plan.embed_layer is not None:
+                        embeddings = writer.create_embeddings(plan.embed_layer, len(plan.images.paths),
+                                                              plan.embed_dim)
+                        self._copy_rows(embeddings)
+                        if config.faiss_factory != NONE and len(skipped) < len(plan.images.paths):
+                            tick_faiss = time.perf_counter()
+                            faiss_tmp, faiss_attrs = build_beside(embeddings, config.out, config.faiss_factory)
+                            attrs.update(faiss_attrs)
+                            self.timings["faiss"] = time.perf_counter() - tick_faiss
+                    writer.write_attrs(attrs)
+                fsync_file(tmp)
+                if faiss_tmp is not None:  # before the HDF5 file appears: it never names a missing FAISS file
+                    os.replace(faiss_tmp, vector_index_path(config.out))
+        finally:
+            if faiss_tmp is not None:
+                faiss_tmp.unlink(missing_ok=True)
         self.timings["write"] = time.perf_counter() - tick
         return len(skipped)
 

@@ -95,11 +95,14 @@ def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="Images per process between checkpoints (in OUT.partial/); 0: only at the end of a shard.")
 @click.option("--resume", is_flag=True, help="Continue the partial build beside --out after a crash (same "
                                              "options, same number of processes); starts afresh if there is none.")
+@click.option("--faiss-factory", help="FAISS index_factory string for the similarity index (e.g. Flat, "
+                                     "IVF1024,Flat); 'none' for no FAISS file. Default: chosen by the data's size.")
 @click.option("--crash-at", hidden=True, help="Testing: RANK:IMAGES[:raise|kill|hang] injects a failure.")
 def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[str, ...] | None, k: int,
           input_size: int, mean: tuple[float, float, float] | None, std: tuple[float, float, float] | None,
           batch_size: int, workers: int | None, device: str | None, embed_layer: str | None,
-          max_pixels: int | None, overwrite: bool, checkpoint_every: int, resume: bool, crash_at: str | None) -> None:
+          max_pixels: int | None, overwrite: bool, checkpoint_every: int, resume: bool, faiss_factory: str | None,
+          crash_at: str | None) -> None:
     """Index the images under DATA: every unit's top-k images, positions and receptive-field boxes.
 
     Under torchrun (python -m torch.distributed.run … -m actindex.indexer build …) every process indexes a
@@ -114,7 +117,8 @@ def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[
     config = BuildConfig(data=data, model=model, out=out, weights=weights, layers=layers, k=k,
                          input_size=input_size, mean=mean, std=std, batch_size=batch_size, workers=workers,
                          device=device, embed_layer=embed_layer, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                         overwrite=overwrite, checkpoint_every=checkpoint_every, resume=resume)
+                         overwrite=overwrite, checkpoint_every=checkpoint_every, resume=resume,
+                         faiss_factory=faiss_factory)
     summary = build_index(config, progress=TqdmProgress, fault=Fault.parse(crash_at) if crash_at else None)
     if summary.rank != 0:
         return
@@ -217,7 +221,31 @@ def _yx(pair: list[int]) -> str:
     return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
 
-COMMANDS = {"build": build, "layers": layers, "info": info}
+@click.command("faiss")
+@click.argument("index", type=click.Path(path_type=Path))
+@click.option("--layer", help="Embedding layer to index. Default: the one indexed before, else the build's.")
+@click.option("--factory", help="FAISS index_factory string. Default: chosen by the data's size.")
+def faiss_command(index: Path, layer: str | None, factory: str | None) -> None:
+    """(Re)build the FAISS similarity index beside INDEX from its stored vectors (no network needed)."""
+    from tqdm import tqdm
+
+    from .vector_file import rebuild
+
+    with tqdm(unit="vec", desc="faiss", file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        path, info, chosen = rebuild(index, layer, factory, progress)
+    recall = f", recall@10 {info.recall_at_10:.3f} against exact search" if info.recall_at_10 is not None else \
+        " (exact search)"
+    nprobe = f", nprobe {info.nprobe}" if info.nprobe is not None else ""
+    click.echo(f"Indexed {info.count} vectors of '{chosen}' ({info.dim} dimensions) with {info.factory}{nprobe}"
+               f"{recall} in {info.seconds:.1f} s")
+    click.echo(f"Wrote {path}")
+
+
+COMMANDS = {"build": build, "layers": layers, "info": info, "faiss": faiss_command}
 
 
 @click.group(cls=ActindexGroup, commands=COMMANDS)

@@ -194,8 +194,43 @@ def dream(index: Path | None, model: str | None, weights: str | None, layer: str
     click.echo(f"Wrote {out}")
 
 
+@click.command()
+@click.argument("index", type=click.Path(path_type=Path))
+@click.option("--image", type=click.Path(path_type=Path), help="A new image, embedded with the index's network.")
+@click.option("--id", "image_id", type=int, help="An indexed image, by id (its stored vector is used).")
+@click.option("--k", default=9, show_default=True, type=int)
+@click.option("--layer", help="Embedding layer. Default: the one the FAISS index was built from.")
+@click.option("--out", type=click.Path(path_type=Path), help="PNG to write. Default: similar.png here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the hits and output path as JSON.")
+@click.option("--explain", is_flag=True, help="Guided backprop of each hit's similarity, and its top units.")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Where the images are now, if they moved.")
+@click.option("--weights", help="Where the index's weights file is now, if it moved (same contents).")
+@click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
+def similar(index: Path, image: Path | None, image_id: int | None, k: int, layer: str | None, out: Path | None,
+            as_json: bool, explain: bool, data_root: Path | None, weights: str | None, device: str | None) -> None:
+    """The images the network sees as most alike (cosine of activation vectors), from a new or indexed image."""
+    from .neuron import describe_unguided
+    from .render import save_png, similar_sheet
+    from .similar import find_similar
+
+    result = find_similar(index, image=image, image_id=image_id, k=k, layer=layer, data=data_root,
+                          weights=weights, device=_device(device), explain=explain)
+    out = out or Path("similar.png")
+    save_png(similar_sheet(result), out)
+    if result.unguided:
+        click.echo(f"Note: {describe_unguided(result.unguided)}", err=True)
+    if as_json:
+        click.echo(json.dumps({**result.to_json(), "outputs": {"image": str(out)}}, indent=2))
+        return
+    click.echo(f"Nearest to {result.query.get('path', result.query.get('image'))} by '{result.layer}':")
+    for hit in result.hits:
+        units = ("  units " + ", ".join(f"{u} ({c:+.3f})" for u, c in hit.units)) if hit.units else ""
+        click.echo(f"  #{hit.rank + 1} {hit.score:.4f}  {hit.path}{units}")
+    click.echo(f"Wrote {out}")
+
+
 @click.group(cls=ActindexGroup, commands={**COMMANDS, "demo": demo, "neuron": neuron, "filters": filters,
-                                          "dream": dream})
+                                          "dream": dream, "similar": similar})
 @click.version_option(package_name="actindex")
 @debug_option
 def main(debug: bool) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .neuron import NeuronResult
+from .similar import SimilarResult
 
 TILE = 128
 GAP = 6
@@ -120,3 +121,43 @@ def save_png(image: Image.Image, path: Path) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def similar_sheet(result: SimilarResult, columns: int = 10) -> Image.Image:
+    """The query, then its nearest images with scores; with an explanation, each hit's guided-backprop map of
+    its similarity and the units contributing most under it."""
+    explained = result.maps is not None
+    n = len(result.hits) + 1  # the query takes the first cell
+    columns = min(columns, n)
+    blocks = -(-n // columns)
+    rows = 2 if explained else 1
+    label = LABEL + (14 if explained else 0)
+    cell_h = rows * (TILE + GAP) + label
+    header = 24
+    sheet = Image.new("RGB", (GAP + columns * (TILE + GAP), header + blocks * cell_h + GAP), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    draw.text((GAP, 5), f"nearest images by cosine similarity of '{result.layer}' activations"
+                        + ("; row 2: guided backprop of each score, units contributing most" if explained else ""),
+              fill=(0, 0, 0), font=_font(12))
+    small = _font(10)
+    cells: list[tuple[Image.Image, Image.Image | None, str, str, str]] = [
+        (result.query_image, None, "query", _shorten(str(result.query.get("path", result.query.get("image"))), 22),
+         "")]  # type: ignore[list-item]
+    for rank, hit in enumerate(result.hits):
+        explanation = map_image(result.maps[rank]) if result.maps is not None else None
+        units = " ".join(f"u{u}" for u, _ in hit.units[:3])
+        cells.append((result.images[rank].original, explanation, f"#{rank + 1}  {hit.score:.3f}",
+                      _shorten(hit.path, 22), units))
+    for position, (picture, explanation, first, second, third) in enumerate(cells):
+        block, column = divmod(position, columns)
+        left = GAP + column * (TILE + GAP)
+        top = header + block * cell_h
+        sheet.paste(fit(picture), (left, top))
+        if explanation is not None:
+            sheet.paste(fit(explanation), (left, top + TILE + GAP))
+        text_top = top + rows * (TILE + GAP) - 2
+        draw.text((left, text_top), first, fill=(0, 0, 0), font=small)
+        draw.text((left, text_top + 13), second, fill=(60, 60, 60), font=small)
+        if third:
+            draw.text((left, text_top + 26), third, fill=(60, 60, 60), font=small)
+    return sheet

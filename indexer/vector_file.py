@@ -1,0 +1,93 @@
+"""The FAISS file beside an index: where it lives, what the HDF5 file records about it, building and opening it.
+
+`INDEX.h5` keeps its per-image vectors in `/embeddings/<layer>`; `INDEX.faiss`, in the same folder, indexes one
+of them for cosine similarity (FAISS ids are image ids). The HDF5 root attributes name it by its path relative
+to the HDF5 file's folder (`faiss_index`), with the layer, factory string, nprobe and measured recall, so that
+the pair can be moved together and a stale or foreign FAISS file is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from .errors import UserError
+from .vectors import VectorIndexInfo, build_vector_index, read_vector_index, write_vector_index
+
+NONE = "none"  # --faiss-factory none: no FAISS file
+
+
+def vector_index_path(index: Path) -> Path:
+    """INDEX.h5 -> INDEX.faiss beside it."""
+    return index.with_name(index.stem + ".faiss")
+
+
+def build_beside(dataset: h5py.Dataset, index: Path, factory: str | None,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Build the FAISS index of `dataset` under a temporary name beside `index`.
+
+    Returns the temporary path (the caller renames it to `vector_index_path(index)` just before the HDF5 file
+    takes its place, so a complete index never names a missing FAISS file) and the attributes to record.
+    """
+    vectors, info = build_vector_index(dataset, factory, progress)
+    final = vector_index_path(index)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    write_vector_index(vectors, tmp)
+    return tmp, attributes(info, str(dataset.name).rsplit("/", 1)[-1], final)
+
+
+def attributes(info: VectorIndexInfo, layer: str, final: Path) -> dict[str, Any]:
+    return {"faiss_index": final.name, "faiss_layer": layer, "faiss_factory": info.factory,
+            "faiss_nprobe": -1 if info.nprobe is None else info.nprobe, "faiss_count": info.count,
+            "faiss_recall_at_10": -1.0 if info.recall_at_10 is None else info.recall_at_10}
+
+
+def open_vector_index(index: Path, attrs: dict[str, Any], layer: str | None, dim: int) -> tuple[Any, str]:
+    """The FAISS index for `layer` (default: the one recorded), checked against the HDF5 file's vectors."""
+    recorded = str(attrs.get("faiss_index", ""))
+    built_from = str(attrs.get("faiss_layer", ""))
+    if not recorded:
+        raise UserError(f"'{index}' has no FAISS index; build one with: actindex faiss {index}")
+    if layer is not None and layer != built_from:
+        raise UserError(f"the FAISS index of '{index}' was built from layer '{built_from}', not '{layer}'; "
+                        f"rebuild it with: actindex faiss {index} --layer {layer}")
+    path = index.parent / recorded
+    if not path.is_file():
+        raise UserError(f"the FAISS index '{path}' named by '{index}' is missing; rebuild it with: "
+                        f"actindex faiss {index}")
+    vectors = read_vector_index(path)
+    if vectors.d != dim or vectors.ntotal != int(attrs.get("faiss_count", vectors.ntotal)):
+        raise UserError(f"'{path}' does not belong to '{index}' ({vectors.ntotal} vectors of {vectors.d} "
+                        f"dimensions, the index's '{built_from}' has {dim}); rebuild it with: actindex faiss "
+                        f"{index}")
+    return vectors, built_from
+
+
+def rebuild(index: Path, layer: str | None = None, factory: str | None = None,
+            progress: Callable[[int, int], None] | None = None) -> tuple[Path, VectorIndexInfo, str]:
+    """`actindex faiss`: (re)build the FAISS file of `index` from its stored vectors, without the network."""
+    from .index_file import IndexReader
+
+    with IndexReader(index) as reader:
+        names = reader.embedding_names
+        if not names:
+            raise UserError(f"'{index}' stores no per-image vectors (built with --embed-layer ''); rebuild the "
+                            "index with an embedding layer")
+        chosen = layer or str(reader.attrs.get("faiss_layer") or reader.attrs.get("embed_layer") or names[0])
+        dataset = reader.embeddings(chosen)  # not_found lists the layers with vectors
+        vectors, info = build_vector_index(dataset, factory, progress)
+    final = vector_index_path(index)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        write_vector_index(vectors, tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    with h5py.File(index, "r+") as h5:  # a few small attributes, rewritten in place
+        for key, value in attributes(info, chosen, final).items():
+            h5.attrs[key] = value
+    return final, info, chosen

@@ -1,0 +1,159 @@
+"""Which images does the network see as alike, and why? Nearest images by cosine similarity of their activation
+vectors (the FAISS index beside the HDF5 file), and for each hit the pixels and units that make it similar.
+
+A vector is the spatial mean of the embedding layer's output (the build's `/embeddings/<layer>`); similarity
+is the cosine, q̂ · v̂. The explanation of a hit is guided backprop of that score, with the query's q̂ fixed, with
+respect to the hit image's normalized input, and the units with the largest terms q̂_i · v̂_i (they sum to the
+score).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from actindex.indexer.errors import UserError, not_found
+from actindex.indexer.images import ImageReadError, load_rgb, preprocess
+from actindex.indexer.index_file import IndexReader
+from actindex.indexer.taps import first_tensor
+from actindex.indexer.vector_file import open_vector_index
+from actindex.indexer.vectors import normalize, search
+from actindex.kernels.guided import GuidedBackprop
+from actindex.kernels.spatial import spatial_mean
+
+from .loading import LoadedImage, data_root, load_index_images, load_index_model
+
+TOP_UNITS = 5
+
+
+def embed(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """(B, D) spatial mean of `layer`'s output for the normalized batch `x` (differentiable if x requires grad)."""
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise not_found("layer", layer, [n for n in modules if n])
+    taken: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        out = first_tensor(output)
+        taken.append(spatial_mean(out) if out.ndim == 4 else out)  # (B, D)
+
+    handle = modules[layer].register_forward_hook(hook)
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return taken[0]
+
+
+@dataclass(frozen=True)
+class SimilarHit:
+    rank: int
+    image_id: int
+    path: str
+    score: float  # cosine similarity to the query
+    units: list[tuple[int, float]] = field(default_factory=list)  # (unit, q̂_i·v̂_i), largest first, with --explain
+
+
+@dataclass
+class SimilarResult:
+    index: Path
+    layer: str
+    query: dict[str, object]  # {"id": N, "path": …} or {"image": path}
+    query_image: object  # PIL image of the query, at its own resolution
+    hits: list[SimilarHit]
+    images: list[LoadedImage]
+    maps: np.ndarray | None = None  # (k, 3, S, S) guided backprop of each hit's score, with --explain
+    unguided: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {"index": str(self.index), "layer": self.layer, "query": self.query,
+                "hits": [{"rank": h.rank, "image_id": h.image_id, "path": h.path, "score": h.score,
+                          "units": [{"unit": u, "contribution": c} for u, c in h.units]} for h in self.hits],
+                "unguided_activations": self.unguided}
+
+
+def find_similar(index: Path, image: Path | None = None, image_id: int | None = None, k: int = 9,
+                 layer: str | None = None, data: Path | None = None, weights: str | None = None,
+                 device: str = "cpu", explain: bool = False) -> SimilarResult:
+    """The k images nearest to a new image (`image`) or an indexed one (`image_id`), best first."""
+    if (image is None) == (image_id is None):
+        raise UserError("give either --image PATH or --id N")
+    if k < 1:
+        raise UserError(f"--k must be at least 1, got {k}")
+    with IndexReader(index) as reader:
+        attrs = reader.attrs
+        paths = reader.image_paths()
+        name = layer or str(attrs.get("faiss_layer") or attrs.get("embed_layer") or "")
+        if not name or name not in reader.embedding_names:
+            raise not_found("embedding layer", name or "(none)", reader.embedding_names,
+                            hint=f"'{index}' stores vectors of these layers")
+        stored = reader.embeddings(name)
+        vectors, name = open_vector_index(index, attrs, name, int(stored.shape[1]))
+        query_vector, query, query_image = None, {}, None
+        if image_id is not None:
+            if not 0 <= image_id < len(paths):
+                raise UserError(f"--id {image_id} is out of range: the index has images 0-{len(paths) - 1}")
+            query_vector = stored[image_id][None, :].astype(np.float32)  # (1, D)
+            if not np.isfinite(query_vector).all():
+                raise UserError(f"image {image_id} ('{paths[image_id]}') could not be read at build time and has "
+                                "no vector; 'actindex info' lists why")
+            query = {"id": image_id, "path": paths[image_id]}
+    loaded = load_index_model(attrs, weights, device)
+    input_size = int(attrs["input_size"])
+    mean = torch.tensor(attrs["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(attrs["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    if image is not None:
+        try:
+            query_image = load_rgb(image)
+        except (ImageReadError, OSError) as error:
+            raise UserError(f"cannot read --image '{image}': {error}") from error
+        x = (preprocess(query_image, input_size).unsqueeze(0).to(device).float() / 255 - mean) / std
+        with torch.inference_mode():
+            query_vector = embed(loaded.module, name, x).cpu().numpy().astype(np.float32)
+        query = {"image": str(image)}
+    else:
+        assert image_id is not None
+        query_image = load_index_images(data_root(attrs, data), [paths[image_id]], input_size,
+                                        data is not None)[0].original
+    assert query_vector is not None
+    scores, ids = search(vectors, query_vector, k)
+    found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+    images = load_index_images(data_root(attrs, data), [paths[i] for i, _ in found], input_size, data is not None)
+    hits = [SimilarHit(rank, i, paths[i], s) for rank, (i, s) in enumerate(found)]
+    result = SimilarResult(index, name, query, query_image, hits, images)
+    if explain and hits:
+        _explain(result, loaded.module, normalize(query_vector)[0], mean, std, device)
+    return result
+
+
+def _explain(result: SimilarResult, model: nn.Module, query: np.ndarray, mean: torch.Tensor, std: torch.Tensor,
+             device: str) -> None:
+    """Guided backprop of q̂ · v̂(x) for every hit image x at once, and the units with the largest terms."""
+    pixels = torch.stack([image.pixels for image in result.images]).to(device)  # (k, 3, S, S) uint8
+    x = ((pixels.float() / 255 - mean) / std).requires_grad_(True)
+    q = torch.as_tensor(query, dtype=torch.float32, device=device)  # (D,)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with GuidedBackprop() as mode:
+            vectors = embed(model, result.layer, x)  # (k, D)
+        unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        scores = unit @ q  # (k,) each hit's own score: images do not interact
+        (maps,) = torch.autograd.grad(scores.sum(), x)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    terms = (unit.detach() * q).cpu().numpy()  # (k, D), each row sums to that hit's score
+    hits = []
+    for hit, row in zip(result.hits, terms, strict=True):
+        top = np.argsort(-row, kind="stable")[:TOP_UNITS]
+        hits.append(SimilarHit(hit.rank, hit.image_id, hit.path, hit.score,
+                               [(int(u), float(row[u])) for u in top]))
+    result.hits = hits
+    result.maps = maps.cpu().numpy()
+    result.unguided = dict(mode.unguided)

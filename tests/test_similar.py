@@ -1,0 +1,172 @@
+"""Similarity search: the FAISS file the build writes, `actindex faiss`, and `actindex similar` against numpy."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from actindex.indexer.build import BuildConfig, build_index
+from actindex.indexer.errors import UserError
+from actindex.indexer.index_file import IndexReader
+from actindex.indexer.vector_file import vector_index_path
+from actindex.query.cli import main
+from actindex.query.render import GAP, TILE
+from actindex.query.similar import find_similar
+
+from test_build import SIZE, make_images
+from tiny_models import tiny_net
+
+
+def build(data: Path, weights: Path, out: Path, embed_layer: str = "down", factory: str | None = None) -> Path:
+    build_index(BuildConfig(data=data, model="tiny_models:tiny_net", out=out, weights=str(weights),
+                            layers=("block", "down"), k=4, input_size=SIZE, batch_size=8, workers=0,
+                            embed_layer=embed_layer, device="cpu", faiss_factory=factory))
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("similar")
+    make_images(root / "data", n=30, seed=7)  # and one unreadable file
+    weights = root / "tiny.pt"
+    torch.save(tiny_net().state_dict(), weights)
+    return build(root / "data", weights, root / "index.h5"), root / "data", weights
+
+
+def exact(index: Path, query: np.ndarray, k: int) -> tuple[list[int], np.ndarray]:
+    """Cosine top-k over every stored vector with numpy, unreadable images (NaN rows) left out."""
+    with IndexReader(index) as reader:
+        vectors = reader.embeddings("down")[()]
+    valid = np.isfinite(vectors).all(axis=1)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = np.where(valid, unit @ (query / np.linalg.norm(query)), -np.inf)
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+    return order, scores[order]
+
+
+def test_the_build_writes_a_faiss_file_named_in_the_attributes(built: tuple[Path, Path, Path]) -> None:
+    index, _, _ = built
+    with IndexReader(index) as reader:
+        attrs = reader.attrs
+    assert attrs["faiss_index"] == "index.faiss" and vector_index_path(index).is_file()
+    assert attrs["faiss_layer"] == "down" and "Flat" in attrs["faiss_factory"]
+    assert attrs["faiss_count"] == attrs["num_images"] - attrs["num_skipped"]
+    assert not list(index.parent.glob(".index.faiss.tmp*"))
+
+
+def test_every_indexed_image_finds_itself_first_and_results_equal_exact_search(
+        built: tuple[Path, Path, Path]) -> None:
+    index, _, _ = built
+    with IndexReader(index) as reader:
+        vectors = reader.embeddings("down")[()]
+        skipped = {p for p, _ in reader.skipped()}
+        paths = reader.image_paths()
+    for image_id in range(len(paths)):
+        if paths[image_id] in skipped:
+            continue
+        result = find_similar(index, image_id=image_id, k=5)
+        assert result.hits[0].image_id == image_id and result.hits[0].score == pytest.approx(1.0, abs=1e-5)
+        ids, scores = exact(index, vectors[image_id], 5)
+        assert [h.image_id for h in result.hits] == ids
+        np.testing.assert_allclose([h.score for h in result.hits], scores, rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_image_is_embedded_like_the_build(built: tuple[Path, Path, Path]) -> None:
+    index, data, _ = built
+    result = find_similar(index, image=data / "class2" / "img005.png", k=3)
+    with IndexReader(index) as reader:
+        own = reader.image_paths().index("class2/img005.png")
+    assert result.hits[0].image_id == own and result.hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_explain_gives_maps_and_the_units_that_make_the_score(built: tuple[Path, Path, Path]) -> None:
+    index, _, _ = built
+    result = find_similar(index, image_id=3, k=4, explain=True)
+    assert result.maps is not None and result.maps.shape == (4, 3, SIZE, SIZE)
+    assert np.abs(result.maps).sum(axis=(1, 2, 3)).min() > 0
+    with IndexReader(index) as reader:
+        vectors = reader.embeddings("down")[()]
+    q = vectors[3] / np.linalg.norm(vectors[3])
+    for hit in result.hits:
+        v = vectors[hit.image_id] / np.linalg.norm(vectors[hit.image_id])
+        terms = q * v  # they sum to the cosine score
+        assert terms.sum() == pytest.approx(hit.score, abs=1e-5)
+        assert [u for u, _ in hit.units] == list(np.argsort(-terms, kind="stable")[:5])
+        np.testing.assert_allclose([c for _, c in hit.units], np.sort(terms)[::-1][:5], rtol=1e-4, atol=1e-6)
+
+
+def test_cli_json_and_picture_agree(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    index, _, _ = built
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(main, ["similar", str(index), "--id", "7", "--k", "6", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["outputs"]["image"] == str(out) and len(report["hits"]) == 6
+    assert report["query"]["id"] == 7 and report["hits"][0]["image_id"] == 7
+    assert Image.open(out).width == GAP + 7 * (TILE + GAP)  # the query and six hits
+
+
+def test_faiss_command_rebuilds_with_another_factory(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    index, _, _ = built
+    copy = tmp_path / "copy.h5"
+    shutil.copy(index, copy)
+    result = CliRunner().invoke(main, ["faiss", str(copy), "--factory", "IVF2,Flat"])
+    assert result.exit_code == 0, result.output
+    with IndexReader(copy) as reader:
+        assert reader.attrs["faiss_factory"] == "IVF2,Flat" and reader.attrs["faiss_index"] == "copy.faiss"
+    hits = find_similar(copy, image_id=4, k=3).hits
+    assert hits[0].image_id == 4
+
+
+def test_no_faiss_file_a_missing_one_and_a_foreign_one_are_refused(built: tuple[Path, Path, Path],
+                                                                   tmp_path: Path) -> None:
+    index, data, weights = built
+    bare = build(data, weights, tmp_path / "bare.h5", factory="none")
+    assert not vector_index_path(bare).exists()
+    with pytest.raises(UserError, match="has no FAISS index; build one with: actindex faiss"):
+        find_similar(bare, image_id=0)
+    copy = tmp_path / "copy.h5"
+    shutil.copy(index, copy)
+    with h5py.File(copy, "r+") as f:
+        f.attrs["faiss_index"] = "copy.faiss"
+    with pytest.raises(UserError, match="is missing; rebuild it with: actindex faiss"):
+        find_similar(copy, image_id=0)
+    other = build(data, weights, tmp_path / "other.h5", embed_layer="block")  # 8-d vectors, not 16-d
+    shutil.copy(vector_index_path(other), vector_index_path(copy))
+    with pytest.raises(UserError, match="does not belong to"):
+        find_similar(copy, image_id=0)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--id", "99"], r"--id 99 is out of range: the index has images 0-30"),
+    (["--id", "0", "--image", "x.png"], "give either --image PATH or --id N"),
+    ([], "give either --image PATH or --id N"),
+    (["--image", "nope.png"], "cannot read --image 'nope.png'"),
+    (["--id", "0", "--layer", "block"], "unknown embedding layer 'block'"),
+])
+def test_cli_errors_are_one_line(built: tuple[Path, Path, Path], tmp_path: Path, args: list[str],
+                                 message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    index, _, _ = built
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["similar", str(index), *args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "similar.png").exists()
+
+
+def test_a_skipped_image_has_no_vector(built: tuple[Path, Path, Path]) -> None:
+    index, _, _ = built
+    with IndexReader(index) as reader:
+        broken = reader.image_paths().index("class1/img_broken.jpg")
+    with pytest.raises(UserError, match="could not be read at build time and has no vector"):
+        find_similar(index, image_id=broken)

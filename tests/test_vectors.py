@@ -1,0 +1,176 @@
+"""Cosine vector search against numpy brute force, IVF calibration, file round trips and user errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import h5py
+import numpy as np
+import pytest
+
+from actindex.indexer.errors import UserError
+from actindex.indexer.vectors import (
+    build_vector_index,
+    choose_factory,
+    normalize,
+    read_vector_index,
+    search,
+    write_vector_index,
+)
+
+NAN_ROWS = (3, 17)
+ZERO_ROW = 11
+
+
+def random_vectors(n: int = 300, dim: int = 24, seed: int = 0) -> np.ndarray:
+    """(n, dim) float32 with two unreadable (NaN) rows and one zero row."""
+    x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    x[list(NAN_ROWS)] = np.nan
+    x[ZERO_ROW] = 0
+    return x
+
+
+def mixture(n: int, dim: int, clusters: int, seed: int, draw_seed: int | None = None) -> np.ndarray:
+    """Gaussian mixture, non-negative means like post-ReLU activations; `draw_seed` draws other points."""
+    rng = np.random.default_rng(seed)
+    means = np.abs(rng.normal(size=(clusters, dim))) * 2
+    if draw_seed is not None:
+        rng = np.random.default_rng(draw_seed)
+    return (means[rng.integers(0, clusters, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def brute_force(x: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k over the valid rows of x, in float64: (scores, ids)."""
+    valid = np.isfinite(x).all(axis=1) & (x != 0).any(axis=1)
+    with np.errstate(invalid="ignore"):  # the zero row: 0 / 0, masked below
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    scores = q.astype(np.float64) @ unit.astype(np.float64).T  # (Q, N)
+    scores[:, ~valid] = -np.inf
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, ids, axis=1), ids
+
+
+def test_flat_search_equals_numpy_brute_force() -> None:
+    x = random_vectors()
+    index, info = build_vector_index(x)
+    assert info.factory == "IDMap2,Flat" and info.nprobe is None and info.recall_at_10 is None
+    assert info.count == len(x) - 3 and info.dim == 24
+    queries = np.random.default_rng(1).normal(size=(20, 24)).astype(np.float32)
+    scores, ids = search(index, queries, 10)
+    expected_scores, expected_ids = brute_force(x, queries, 10)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64 and scores.shape == ids.shape == (20, 10)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, rtol=0, atol=1e-5)
+
+
+def test_every_vector_finds_itself_first_and_invalid_rows_never_come_back() -> None:
+    x = random_vectors()
+    index, _ = build_vector_index(x)
+    scores, ids = search(index, x, len(x))  # k = N: asks for more than the index holds
+    valid = [i for i in range(len(x)) if i not in (*NAN_ROWS, ZERO_ROW)]
+    np.testing.assert_array_equal(ids[valid, 0], valid)
+    np.testing.assert_allclose(scores[valid, 0], 1, atol=1e-5)
+    returned = ids[ids >= 0]
+    assert not np.isin(returned, [*NAN_ROWS, ZERO_ROW]).any()
+    assert not np.isnan(scores).any()
+    # Padding: 297 vectors for k = 300; invalid query rows get nothing.
+    assert (ids[valid, -3:] == -1).all() and np.isneginf(scores[valid, -3:]).all()
+    assert (ids[[*NAN_ROWS, ZERO_ROW]] == -1).all()
+
+
+def test_ivf_reaches_target_recall_and_keeps_nprobe_through_a_file(tmp_path: Path) -> None:
+    x = mixture(20_000, 64, clusters=200, seed=0)
+    index, info = build_vector_index(x, "IVF64,Flat", target_recall=0.95)
+    assert info.factory == "IVF64,Flat" and info.count == 20_000
+    assert info.nprobe is not None and 1 <= info.nprobe <= 64
+    assert info.recall_at_10 is not None and info.recall_at_10 >= 0.95
+
+    # Independent check on fresh points from the same mixture, against numpy brute force.
+    queries = mixture(300, 64, clusters=200, seed=0, draw_seed=99)
+    _, expected = brute_force(x, queries, 10)
+    _, found = search(index, queries, 10)
+    recall = np.mean([len(np.intersect1d(f, e)) / 10 for f, e in zip(found, expected, strict=True)])
+    assert recall >= 0.93  # the calibration sample's estimate, with room for sampling noise
+
+    write_vector_index(index, tmp_path / "v.faiss")
+    loaded = read_vector_index(tmp_path / "v.faiss")
+    assert faiss.extract_index_ivf(loaded).nprobe == info.nprobe
+    np.testing.assert_array_equal(search(loaded, queries, 10)[1], found)
+
+
+def test_choose_factory_thresholds() -> None:
+    assert choose_factory(10_000, 512) == "Flat"
+    assert choose_factory(1500, 100_000) == "Flat"  # too few to train an IVF
+    assert choose_factory(100_000, 512) == "IVF1024,Flat"
+    assert choose_factory(1_000_000, 512) == "IVF1024,Flat"  # 2 GB raw
+    assert choose_factory(1_281_167, 2048) == "IVF512,SQ8"  # ImageNet: 10.5 GB raw, 2.6 GB as SQ8
+    factory = choose_factory(10_000_000, 512)  # 5 GB even as SQ8
+    assert factory.startswith("IVF") and ",PQ" in factory
+    m = int(factory.split("PQ")[1])
+    assert 512 % m == 0 and 10_000_000 * m <= 4 << 30
+
+
+def test_write_read_round_trip_and_file_errors(tmp_path: Path) -> None:
+    x = random_vectors()
+    index, _ = build_vector_index(x)
+    path = tmp_path / "v.faiss"
+    write_vector_index(index, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["v.faiss"]  # no temporary left behind
+    loaded = read_vector_index(path)
+    for a, b in zip(search(index, x[:50], 7), search(loaded, x[:50], 7), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    with pytest.raises(UserError, match="not found") as missing:
+        read_vector_index(tmp_path / "nope.faiss")
+    (tmp_path / "junk.faiss").write_bytes(b"not a faiss index at all")
+    with pytest.raises(UserError, match="not a readable FAISS index") as junk:
+        read_vector_index(tmp_path / "junk.faiss")
+    for error in (missing, junk):
+        assert "\n" not in str(error.value)
+
+
+def test_bad_factory_no_vectors_and_dimension_mismatch() -> None:
+    x = random_vectors()
+    with pytest.raises(UserError, match="bad index factory 'IVFx,Flat': could not parse") as bad:
+        build_vector_index(x, "IVFx,Flat")
+    assert "\n" not in str(bad.value) and "index_factory.cpp" not in str(bad.value)
+    with pytest.raises(UserError, match="none of the 4 vectors"):
+        build_vector_index(np.array([[np.nan] * 3, [0, 0, 0]] * 2, dtype=np.float32))
+    with pytest.raises(UserError, match="needs at least 64 vectors"):
+        build_vector_index(x[:40], "IVF64,Flat")
+    index, _ = build_vector_index(x)
+    with pytest.raises(UserError, match="the query has 512 dimensions, the index 24"):
+        search(index, np.ones((1, 512), dtype=np.float32), 5)
+
+
+def test_h5py_dataset_read_in_blocks_equals_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import actindex.indexer.vectors as vectors
+
+    monkeypatch.setattr(vectors, "_BLOCK_BYTES", 4 * 64 * 37)  # 37 rows a block: many blocks, a ragged last one
+    x = mixture(3000, 64, clusters=30, seed=2)
+    x[[5, 500, 2999]] = np.nan
+    with h5py.File(tmp_path / "e.h5", "w") as h5:
+        h5.create_dataset("embeddings/layer4", data=x, chunks=(50, 64))
+    calls: list[tuple[int, int]] = []
+    with h5py.File(tmp_path / "e.h5", "r") as h5:
+        from_h5, info_h5 = build_vector_index(h5["embeddings/layer4"], "IVF16,Flat",
+                                              progress=lambda done, total: calls.append((done, total)))
+    from_np, info_np = build_vector_index(x, "IVF16,Flat")
+    assert (info_h5.count, info_h5.nprobe, info_h5.recall_at_10) == (info_np.count, info_np.nprobe,
+                                                                       info_np.recall_at_10)
+    for a, b in zip(search(from_h5, x[:100], 10), search(from_np, x[:100], 10), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # Progress: two passes of 3000 rows (sample, add), one call per block, `done` increasing to `total`.
+    assert len(calls) == 2 * -(-3000 // 37)
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and len(set(done)) == len(done)
+    assert calls[-1] == (6000, 6000) and {t for _, t in calls} == {6000}
+
+
+def test_normalize_keeps_zero_rows_and_scales_the_rest() -> None:
+    x = np.array([[3, 4], [0, 0]], dtype=np.float32)
+    np.testing.assert_allclose(normalize(x), [[0.6, 0.8], [0, 0]])
+    assert x[0, 0] == 3  # input untouched
