@@ -213,6 +213,11 @@ def info(index: Path, as_json: bool) -> None:
                    f"padding {_yx(layer['rf_padding'])}")
     for name, shape in summary["embeddings"].items():
         click.echo(f"  embeddings {name}: {shape[0]} x {shape[1]}")
+    vectors = summary["faiss"]
+    if vectors:
+        recall = f", recall@10 {vectors['recall_at_10']:.3f}" if vectors.get("recall_at_10", -1) >= 0 else ""
+        click.echo(f"  similarity index {vectors['index']}: {vectors['factory']} over {vectors['count']} vectors "
+                   f"of '{vectors['layer']}'{recall}")
     for item in summary["skipped"]:
         click.echo(f"  skipped {item['path']}: {item['reason']}")
 

@@ -207,6 +207,9 @@ class IndexReader:
         summary["path"] = str(self.path)
         summary["layers"] = layers
         summary["embeddings"] = {name: list(self.h5[f"embeddings/{name}"].shape) for name in self.embedding_names}
+        summary["faiss"] = {key[len("faiss_"):]: attrs[key] for key in ("faiss_index", "faiss_layer", "faiss_factory",
+                                                                      "faiss_nprobe", "faiss_count",
+                                                                      "faiss_recall_at_10") if key in attrs}
         summary["build"] = {key: attrs[key] for key in ("created", "seconds", "images_per_second", "device",
                                                          "actindex_version", "torch_version") if key in attrs}
         return summary

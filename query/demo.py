@@ -137,7 +137,8 @@ def pictures(index: Path, out: Path, device: str | None = None, echo: Echo = pri
     from .filters import filter_grid, first_conv, layer_weight
     from .loading import load_index_model
     from .neuron import describe_unguided, query_neuron
-    from .render import neuron_sheet, save_png
+    from .render import neuron_sheet, save_png, similar_sheet
+    from .similar import find_similar
 
     target = str(resolve_device(device))
     with IndexReader(index) as reader:
@@ -169,6 +170,14 @@ def pictures(index: Path, out: Path, device: str | None = None, echo: Echo = pri
     written.append(path)
     echo(f"  {path}: gradient ascent on the 'espresso' logit from noise reaches {dreamed.activation:.3g} "
          f"(the best photo in the index: {espresso_best:.3g})")
+    query = paths.index(next(p for p in paths if p.startswith("camera/")))
+    found = find_similar(index, image_id=query, k=6, device=target, explain=True)
+    path = out / "similar-camera.png"
+    save_png(similar_sheet(found), path)
+    written.append(path)
+    others = sum(not hit.path.startswith("camera/") for hit in found.hits)
+    echo(f"  {path}: the 6 images nearest to {paths[query]} by '{found.layer}' ({6 - others} of the same photo), "
+         "with the pixels and units that make them similar")
     return written
 
 

@@ -58,7 +58,8 @@ def test_build_then_info(data: Path, weights: Path, tmp_path: Path) -> None:
     code, output = invoke("build", data, "--out", out, "--weights", weights, "--k", "3", *TINY)
     assert code == 0, output
     assert "Indexed 12 of 13 images (1 skipped)" in output and f"Wrote {out}" in output
-    assert [p.name for p in out.parent.iterdir()] == ["index.h5"]  # no temporary file left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == ["index.faiss", "index.h5"]  # no temporary file left
+    assert "similarity index index.faiss: IDMap2,Flat over 12 vectors of 'down'" in invoke("info", out)[1]
     code, output = invoke("info", out)
     assert code == 0, output
     assert "skipped class1/img_broken.jpg" in output and "layer down: 16 channels" in output

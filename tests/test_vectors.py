@@ -104,7 +104,8 @@ def test_choose_factory_thresholds() -> None:
     assert choose_factory(10_000, 512) == "Flat"
     assert choose_factory(1500, 100_000) == "Flat"  # too few to train an IVF
     assert choose_factory(100_000, 512) == "IVF1024,Flat"
-    assert choose_factory(1_000_000, 512) == "IVF1024,Flat"  # 2 GB raw
+    assert choose_factory(1_000_000, 512) == "IVF1024,PQ256x4fs,RFlat"  # 2 GB raw: re-ranked fast-scan codes
+    assert choose_factory(1_000_000, 511) == "IVF1024,Flat"  # odd: no 2-dimension PQ codes
     assert choose_factory(1_281_167, 2048) == "IVF512,SQ8"  # ImageNet: 10.5 GB raw, 2.6 GB as SQ8
     factory = choose_factory(10_000_000, 512)  # 5 GB even as SQ8
     assert factory.startswith("IVF") and ",PQ" in factory
@@ -174,3 +175,14 @@ def test_normalize_keeps_zero_rows_and_scales_the_rest() -> None:
     x = np.array([[3, 4], [0, 0]], dtype=np.float32)
     np.testing.assert_allclose(normalize(x), [[0.6, 0.8], [0, 0]])
     assert x[0, 0] == 3  # input untouched
+
+
+def test_refined_fast_scan_ivf_gets_ids_and_a_calibrated_nprobe(tmp_path: Path) -> None:
+    x = mixture(4000, 32, clusters=40, seed=3)
+    index, info = build_vector_index(x, "IVF16,PQ16x4fs,RFlat")
+    assert info.factory == "IDMap2,IVF16,PQ16x4fs,RFlat"  # Refine has no add_with_ids: wrapped
+    assert info.nprobe is not None and info.recall_at_10 is not None and info.recall_at_10 >= 0.95
+    scores, ids = search(index, x[:20], 1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(20))
+    write_vector_index(index, tmp_path / "v.faiss")
+    assert faiss.extract_index_ivf(read_vector_index(tmp_path / "v.faiss")).nprobe == info.nprobe
