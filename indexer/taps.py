@@ -7,7 +7,7 @@ hooked layer therefore cannot change what is recorded, and nothing per position 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 from torch import nn
@@ -64,3 +64,32 @@ def tapped(model: nn.Module, names: Sequence[str], callback: Callback) -> Iterat
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _Reached(Exception):
+    """Raised from the hook of `layer_value` once the layer has run: the rest of the network is not needed."""
+
+
+def layer_value(model: nn.Module, layer: str, x: torch.Tensor,
+                reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`reduce(output of layer)` for the input batch `x`, differentiable when `x` requires grad.
+
+    `reduce` runs inside the hook, before any later in-place op can rewrite the output, and the forward pass
+    stops right after the layer.
+    """
+    from .errors import not_found
+
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise not_found("layer", layer, [name for name in modules if name])
+    taken: list[torch.Tensor] = []
+
+    def take(_name: str, output: torch.Tensor) -> None:
+        taken.append(reduce(output))
+        raise _Reached
+
+    with tapped(model, [layer], take), suppress(_Reached):
+        model(x)
+    if not taken:
+        raise UserError(f"layer '{layer}' does not run in the model's forward pass; choose another")
+    return taken[0]

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from actindex.indexer.errors import UserError, not_found
+from actindex.indexer.errors import UserError
 from actindex.indexer.index_file import IndexReader
-from actindex.indexer.taps import first_tensor
+from actindex.indexer.taps import layer_value
 from actindex.kernels.guided import GuidedBackprop
 
 from .loading import LoadedImage, data_root, load_index_images, load_index_model
@@ -29,43 +29,19 @@ from .loading import LoadedImage, data_root, load_index_images, load_index_model
 TOLERANCE = 1e-2
 
 
-class _Reached(Exception):
-    """Raised from the forward hook once the layer has run: the rest of the network is not needed."""
-
-
 def unit_activations(model: nn.Module, layer: str, unit: int, x: torch.Tensor, ys: torch.Tensor,
                      xs: torch.Tensor) -> torch.Tensor:
-    """(B,) activation of `unit` of `layer` at positions (ys[b], xs[b]) for the batch `x`, differentiable.
+    """(B,) activation of `unit` of `layer` at positions (ys[b], xs[b]) for the batch `x`, differentiable."""
 
-    The value is taken inside the hook, before any later in-place op can rewrite the layer's output, and the
-    forward pass stops there.
-    """
-    modules = dict(model.named_modules())
-    if layer not in modules:
-        raise not_found("layer", layer, [n for n in modules if n])
-    taken: list[torch.Tensor] = []
-
-    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-        out = first_tensor(output)
+    def pick(out: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(out.shape[0], device=out.device)
         if out.ndim == 4:  # (B, C, H, W)
-            taken.append(out[rows, unit, ys.to(out.device), xs.to(out.device)])
-        elif out.ndim == 2:  # (B, C): one position
-            taken.append(out[rows, unit])
-        else:
-            raise UserError(f"layer '{layer}' gives {out.ndim}-D outputs; choose a convolutional or linear layer")
-        raise _Reached
+            return out[rows, unit, ys.to(out.device), xs.to(out.device)]
+        if out.ndim == 2:  # (B, C): one position
+            return out[rows, unit]
+        raise UserError(f"layer '{layer}' gives {out.ndim}-D outputs; choose a convolutional or linear layer")
 
-    handle = modules[layer].register_forward_hook(hook)
-    try:
-        model(x)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
-    if not taken:
-        raise UserError(f"layer '{layer}' does not run in the model's forward pass; choose another")
-    return taken[0]
+    return layer_value(model, layer, x, pick)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import nn
 from actindex.indexer.errors import UserError, not_found
 from actindex.indexer.images import ImageReadError, load_rgb, preprocess
 from actindex.indexer.index_file import IndexReader
-from actindex.indexer.taps import first_tensor
+from actindex.indexer.taps import layer_value
 from actindex.indexer.vector_file import open_vector_index
 from actindex.indexer.vectors import normalize, search
 from actindex.kernels.guided import GuidedBackprop
@@ -32,21 +32,7 @@ TOP_UNITS = 5
 
 def embed(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     """(B, D) spatial mean of `layer`'s output for the normalized batch `x` (differentiable if x requires grad)."""
-    modules = dict(model.named_modules())
-    if layer not in modules:
-        raise not_found("layer", layer, [n for n in modules if n])
-    taken: list[torch.Tensor] = []
-
-    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-        out = first_tensor(output)
-        taken.append(spatial_mean(out) if out.ndim == 4 else out)  # (B, D)
-
-    handle = modules[layer].register_forward_hook(hook)
-    try:
-        model(x)
-    finally:
-        handle.remove()
-    return taken[0]
+    return layer_value(model, layer, x, lambda out: spatial_mean(out) if out.ndim == 4 else out)
 
 
 @dataclass(frozen=True)

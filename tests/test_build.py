@@ -44,13 +44,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    torch.save(tiny_net().state_dict(), path)
-    return path
-
-
 def brute_force(data: Path, weights: Path) -> tuple[list[str], dict[str, list[np.ndarray]]]:
     """Every layer's full output for every readable image, one image at a time, with torchvision transforms."""
     paths = sorted(p.relative_to(data).as_posix() for p in data.rglob("*") if p.is_file())

@@ -30,7 +30,6 @@ from actindex.indexer.checkpoint import partial_dir, state_path
 from actindex.indexer.errors import UserError
 
 from test_build import LAYERS, SIZE, make_images
-from tiny_models import tiny_net
 
 TESTS = Path(__file__).parent
 BATCH = 4
@@ -42,13 +41,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
     make_images(root, n=45, seed=1)  # 46 files with the broken one: shards of 12 batches, not a multiple of 2 or 3
     return root
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    torch.save(tiny_net().state_dict(), path)
-    return path
 
 
 def config(data: Path, weights: Path, out: Path, **changes: object) -> BuildConfig:
