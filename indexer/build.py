@@ -47,6 +47,7 @@ from .index_file import IndexWriter, LayerHits, atomic_output, check_output
 from .layers import addressable_layers, resolve_layers
 from .models import LoadedModel, load_model
 from .vector_file import NONE, build_beside, vector_index_path
+from .vectors import check_factory
 
 
 class Progress(Protocol):
@@ -195,6 +196,8 @@ def plan_build(config: BuildConfig, device: torch.device) -> _Plan:
     std = tuple(config.std or loaded.std)
     plan = _Plan(config, loaded, geometry, embed_layer, 0, images, device, mean, std)  # type: ignore[arg-type]
     plan.embed_dim = _embedding_dim(plan) if embed_layer is not None else 0
+    if config.faiss_factory not in (None, NONE) and embed_layer is not None:
+        check_factory(config.faiss_factory, plan.embed_dim)
     return plan
 
 

@@ -244,6 +244,11 @@ def _read(vectors: VectorSource, a: int, b: int) -> np.ndarray:
     return np.asarray(vectors[a:b], dtype=np.float32)
 
 
+def check_factory(factory: str, dim: int) -> None:
+    """Raise UserError now for a factory string faiss rejects, rather than after hours of indexing."""
+    _make_index(factory, dim)
+
+
 def _make_index(factory: str, dim: int) -> tuple[faiss.Index, str]:
     """The empty index and the factory string that makes it; adds an id map where the index has no ids."""
     try:

@@ -170,3 +170,11 @@ def test_a_skipped_image_has_no_vector(built: tuple[Path, Path, Path]) -> None:
         broken = reader.image_paths().index("class1/img_broken.jpg")
     with pytest.raises(UserError, match="could not be read at build time and has no vector"):
         find_similar(index, image_id=broken)
+
+
+def test_a_bad_factory_is_refused_before_any_work(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, data, weights = built
+    out = tmp_path / "bad.h5"
+    with pytest.raises(UserError, match="bad index factory 'IVFx,Nope'"):
+        build(data, weights, out, factory="IVFx,Nope")
+    assert not out.exists() and not (tmp_path / "bad.h5.partial").exists()
