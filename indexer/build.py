@@ -121,7 +121,7 @@ class BuildSummary:
 @dataclass(frozen=True)
 class Fault:
     """A failure injected on purpose, for tests: on `rank`, after `after` images of its shard, `how` happens:
-    "raise" an exception, "kill" the process with SIGKILL, or "hang" until killed from outside."""
+    "raise" an exception or "kill" the process with SIGKILL."""
 
     rank: int
     after: int
@@ -130,8 +130,8 @@ class Fault:
     @classmethod
     def parse(cls, text: str) -> Fault:
         parts = text.split(":")
-        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("raise", "kill", "hang")):
-            raise UserError(f"--crash-at takes RANK:IMAGES[:raise|kill|hang], got '{text}'")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("raise", "kill")):
+            raise UserError(f"--crash-at takes RANK:IMAGES[:raise|kill], got '{text}'")
         return cls(int(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else "raise")
 
     def strike(self, rank: int, done: int) -> None:
@@ -139,9 +139,6 @@ class Fault:
             return
         if self.how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.how == "hang":
-            while True:
-                time.sleep(1)
         raise InjectedFault(f"injected fault on rank {rank} after {done} images")
 
 

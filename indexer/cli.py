@@ -97,7 +97,7 @@ def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
                                              "options, same number of processes); starts afresh if there is none.")
 @click.option("--faiss-factory", help="FAISS index_factory string for the similarity index (e.g. Flat, "
                                      "IVF1024,Flat); 'none' for no FAISS file. Default: chosen by the data's size.")
-@click.option("--crash-at", hidden=True, help="Testing: RANK:IMAGES[:raise|kill|hang] injects a failure.")
+@click.option("--crash-at", hidden=True, help="Testing: RANK:IMAGES[:raise|kill] injects a failure.")
 def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[str, ...] | None, k: int,
           input_size: int, mean: tuple[float, float, float] | None, std: tuple[float, float, float] | None,
           batch_size: int, workers: int | None, device: str | None, embed_layer: str | None,
