@@ -1,8 +1,9 @@
 """One forward pass per batch in, per-layer top-k and per-image activation vectors out.
 
 `IndexAccumulator.add_batch` runs the network on a batch whose image ids are known, taps the chosen layers
-while the forward runs, and folds each layer's per-image channel maxima into a `RunningTopK` on the model's
-device. It knows nothing about where batches come from (a folder, a rank's shard, a benchmark's tensors).
+while the forward runs, and folds each layer's per-image channel maxima into a `RunningTopK` and an
+`ExactSum` (for each unit's dataset mean) on the model's device. It knows nothing about where batches come
+from (a folder, a rank's shard, a benchmark's tensors).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from actindex.kernels.exact_sum import ExactSum
 from actindex.kernels.spatial import spatial_max, spatial_mean
 from actindex.kernels.topk import RunningTopK, TopKResult
 
@@ -19,7 +21,8 @@ from .taps import tapped
 
 
 class IndexAccumulator:
-    """Per-layer running top-k over images; state is O(layers × C × k) whatever the number of images."""
+    """Per-layer running top-k and exact sums over images; state is O(layers × C × (k + 277)) whatever the
+    number of images."""
 
     def __init__(self, model: nn.Module, channels: dict[str, int], k: int, mean: Sequence[float],
                  std: Sequence[float], embed_layer: str | None, device: torch.device) -> None:
@@ -28,6 +31,7 @@ class IndexAccumulator:
         self.embed_layer = embed_layer
         self.device = device
         self.topk = {name: RunningTopK(c, k, device) for name, c in channels.items()}
+        self.sums = {name: ExactSum(c, device) for name, c in channels.items()}
         self._mean = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
         self._ids = torch.empty(0, dtype=torch.int64, device=device)
@@ -44,6 +48,7 @@ class IndexAccumulator:
         if name in self.topk:
             values, positions = spatial_max(output)  # (B, C), (B, C)
             self.topk[name].add(values, self._ids, positions)
+            self.sums[name].add(values.float())
         if name == self.embed_layer:
             self._embedding = spatial_mean(output)  # (B, D)
 
@@ -69,19 +74,24 @@ class IndexAccumulator:
     def merge(self, other: IndexAccumulator) -> None:
         for name, topk in self.topk.items():
             topk.merge(other.topk[name])
+            self.sums[name].merge(other.sums[name])
         self.images_seen += other.images_seen
 
     def flat_state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's top-k state in two flat tensors on the device, for one collective each:
-        float32 values (sum of C·k) and int64 ids then positions (2 · sum of C·k)."""
+        """Every layer's state in two flat tensors on the device, for one collective each: float32 top-k
+        values (sum of C·k), and int64 top-k ids, then positions (each sum of C·k), then sum buckets, then
+        non-finite counts."""
         states = [topk.state() for topk in self.topk.values()]
         values = torch.cat([v.flatten() for v, _, _ in states])
-        integers = torch.cat([i.flatten() for _, i, _ in states] + [p.flatten() for _, _, p in states])
+        integers = torch.cat([i.flatten() for _, i, _ in states] + [p.flatten() for _, _, p in states]
+                             + [s.buckets.flatten() for s in self.sums.values()]
+                             + [s.nonfinite for s in self.sums.values()])
         return values, integers
 
     def merge_flat(self, values: torch.Tensor, integers: torch.Tensor) -> None:
         """Fold in another accumulator's `flat_state()` (disjoint images); exact."""
-        ids, positions = integers.chunk(2)
+        entries = sum(topk.channels * topk.k for topk in self.topk.values())
+        ids, positions = integers[:entries], integers[entries:2 * entries]
         offset = 0
         for topk in self.topk.values():
             size = topk.channels * topk.k
@@ -90,14 +100,32 @@ class IndexAccumulator:
                                    (("values", values), ("ids", ids), ("positions", positions))})
             topk.merge(other)
             offset += size
+        offset = 2 * entries
+        for total in self.sums.values():
+            size = total.buckets.numel()
+            total.buckets += integers[offset:offset + size].view_as(total.buckets)
+            offset += size
+        for total in self.sums.values():
+            total.nonfinite += integers[offset:offset + total.channels]
+            offset += total.channels
 
     def results(self) -> dict[str, TopKResult]:
         return {name: topk.result() for name, topk in self.topk.items()}
 
+    def means(self, images: int) -> dict[str, torch.Tensor]:
+        """(C,) float64 mean score of each unit over `images` readable images (NaN with none)."""
+        return {name: total.result() / images if images else torch.full((total.channels,), float("nan"),
+                                                                           dtype=torch.float64)
+                for name, total in self.sums.items()}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{name}/{key}": tensor for name, topk in self.topk.items()
-                for key, tensor in topk.state_dict().items()}
+        state = {f"{name}/{key}": tensor for name, topk in self.topk.items()
+                 for key, tensor in topk.state_dict().items()}
+        state.update({f"{name}/sum_{key}": tensor for name, total in self.sums.items()
+                      for key, tensor in total.state_dict().items()})
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, topk in self.topk.items():
             topk.load_state_dict({key: state[f"{name}/{key}"] for key in ("values", "ids", "positions")})
+            self.sums[name].load_state_dict({key: state[f"{name}/sum_{key}"] for key in ("buckets", "nonfinite")})

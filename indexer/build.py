@@ -406,8 +406,10 @@ class _Build:
                 with h5py.File(tmp, "w") as h5:
                     writer = IndexWriter(h5)
                     writer.write_images(plan.images.paths, plan.images.labels, plan.images.classes)
+                    means = accumulator.means(len(plan.images.paths) - len(skipped))
                     for name, result in accumulator.results().items():
                         writer.write_layer(layer_hits(plan.geometry[name], result, config.input_size))
+                        writer.write_mean(name, means[name].numpy())
                     writer.write_skipped([(plan.images.paths[i], reason) for i, reason in skipped])
                     attrs = _attrs(plan, self.job.world_size, len(skipped), seconds)
                     if plan.embed_layer is not None:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from .errors import UserError
 
 CHECKPOINT_FORMAT = "actindex-partial-build"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the state holds exact sums for the units' means
 
 # How fingerprint keys are named in messages.
 _LABELS = {"world_size": "processes (world size)", "images": "image list", "images_count": "number of images",

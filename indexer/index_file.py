@@ -96,6 +96,9 @@ class IndexWriter:
         return self.h5.create_dataset(f"embeddings/{name}", shape=(rows, dim), dtype=np.float32,
                                       chunks=(chunk_rows, dim) if rows else None, fillvalue=np.nan)
 
+    def write_mean(self, name: str, mean: np.ndarray) -> None:
+        self.h5.create_dataset(f"layers/{name}/mean", data=np.asarray(mean, dtype=np.float64))
+
     def write_layer(self, hits: LayerHits) -> None:
         group = self.h5.create_group(f"layers/{hits.name}")
         group.attrs.update(channels=hits.channels, height=hits.height, width=hits.width,
@@ -181,6 +184,11 @@ class IndexReader:
             value=group["value"][()], image=group["image"][()], y=group["y"][()], x=group["x"][()],
             box=group["box"][()],
         )
+
+    def layer_mean(self, name: str) -> np.ndarray | None:
+        """(C,) each unit's mean score over the readable images; None for indexes that do not record it."""
+        key = f"layers/{name}/mean"
+        return self.h5[key][()] if key in self.h5 else None
 
     def embeddings(self, name: str) -> h5py.Dataset:
         """The (N, D) dataset itself, so callers can read it in blocks."""

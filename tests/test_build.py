@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import h5py
@@ -128,6 +129,18 @@ def test_every_value_id_position_and_box_equals_brute_force(data: Path, weights:
             assert np.array_equal(layer.box, np.array(boxes)), name
 
 
+def test_each_units_mean_is_the_exact_mean_of_its_scores_over_readable_images(data: Path, weights: Path,
+                                                                               index: Path) -> None:
+    _, maps = brute_force(data, weights)
+    with IndexReader(index) as reader:
+        for name in LAYERS:
+            scores = np.stack([m.reshape(m.shape[0], -1).max(axis=1) for m in maps[name] if m is not None])
+            recorded = reader.layer_mean(name)
+            assert recorded is not None and recorded.dtype == np.float64 and recorded.shape == (scores.shape[1],)
+            # float32 scores may differ from the brute force's in the last bits; the mean is of those scores
+            np.testing.assert_allclose(recorded, scores.astype(np.float64).mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
 def test_in_place_relu_after_a_hooked_layer_changes_nothing(data: Path, weights: Path, index: Path) -> None:
     _, maps = brute_force(data, weights)
     stem_scores = np.stack([m.reshape(m.shape[0], -1).max(axis=1) for m in maps["stem"] if m is not None])
@@ -168,8 +181,12 @@ def test_fewer_images_than_k_pads(data: Path, weights: Path, tmp_path: Path) -> 
     out = run_build(data, weights, tmp_path / "k50.h5", batch_size=16, workers=0, k=50)
     with IndexReader(out) as reader:
         layer = reader.layer("down")
+        mean = reader.layer_mean("down")
         readable = reader.attrs["num_images"] - reader.attrs["num_skipped"]
     assert (layer.image[:, readable:] == -1).all() and np.isnan(layer.value[:, readable:]).all()
+    # every readable image is a hit here, so the mean is the exactly rounded mean of the table's scores
+    assert mean is not None
+    assert mean.tolist() == [math.fsum(row[:readable].astype(np.float64).tolist()) / readable for row in layer.value]
     assert (layer.box[:, readable:] == -1).all()
     assert (layer.image[:, :readable] >= 0).all()
 
