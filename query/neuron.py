@@ -29,16 +29,19 @@ from .loading import LoadedImage, data_root, load_index_images, load_index_model
 TOLERANCE = 1e-2
 
 
-def unit_activations(model: nn.Module, layer: str, unit: int, x: torch.Tensor, ys: torch.Tensor,
+def unit_activations(model: nn.Module, layer: str, unit: int | torch.Tensor, x: torch.Tensor, ys: torch.Tensor,
                      xs: torch.Tensor) -> torch.Tensor:
-    """(B,) activation of `unit` of `layer` at positions (ys[b], xs[b]) for the batch `x`, differentiable."""
+    """(B,) activation of `unit` of `layer` at positions (ys[b], xs[b]) for the batch `x`, differentiable.
+
+    `unit` is one channel for the whole batch, or a (B,) tensor of channels, one per image."""
 
     def pick(out: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(out.shape[0], device=out.device)
+        channels = unit.to(out.device) if isinstance(unit, torch.Tensor) else unit
         if out.ndim == 4:  # (B, C, H, W)
-            return out[rows, unit, ys.to(out.device), xs.to(out.device)]
+            return out[rows, channels, ys.to(out.device), xs.to(out.device)]
         if out.ndim == 2:  # (B, C): one position
-            return out[rows, unit]
+            return out[rows, channels]
         raise UserError(f"layer '{layer}' gives {out.ndim}-D outputs; choose a convolutional or linear layer")
 
     return layer_value(model, layer, x, pick)
@@ -47,14 +50,15 @@ def unit_activations(model: nn.Module, layer: str, unit: int, x: torch.Tensor, y
 @dataclass
 class Attribution:
     values: torch.Tensor  # (B,) the unit's activation per image
-    gradient: torch.Tensor  # (B, 3, S, S) plain gradient
+    gradient: torch.Tensor | None  # (B, 3, S, S) plain gradient; None when not asked for
     guided: torch.Tensor  # (B, 3, S, S) guided backpropagation
     unguided: dict[str, int]  # activations guided backprop is not defined for, and how often they ran
 
 
-def attribute(model: nn.Module, layer: str, unit: int, x: torch.Tensor, ys: torch.Tensor,
-              xs: torch.Tensor) -> Attribution:
-    """Plain gradient and guided backprop of one unit, for all images of a batch in one backward pass each.
+def attribute(model: nn.Module, layer: str, unit: int | torch.Tensor, x: torch.Tensor, ys: torch.Tensor,
+              xs: torch.Tensor, plain: bool = True) -> Attribution:
+    """Plain gradient (unless `plain` is False) and guided backprop of a unit, for all images of a batch in one
+    backward pass each; `unit` may be a (B,) tensor giving each image its own channel.
 
     `x` is the normalized (B, 3, S, S) input. Images do not interact (eval mode), so summing the per-image
     activations before `backward` gives each image its own gradient.
@@ -63,9 +67,11 @@ def attribute(model: nn.Module, layer: str, unit: int, x: torch.Tensor, ys: torc
     for p in params:  # gradients of the weights are not wanted: skip computing them
         p.requires_grad_(False)
     try:
-        plain_input = x.detach().clone().requires_grad_(True)
-        values = unit_activations(model, layer, unit, plain_input, ys, xs)
-        (gradient,) = torch.autograd.grad(values.sum(), plain_input)
+        gradient = None
+        if plain:
+            plain_input = x.detach().clone().requires_grad_(True)
+            values = unit_activations(model, layer, unit, plain_input, ys, xs)
+            (gradient,) = torch.autograd.grad(values.sum(), plain_input)
         guided_input = x.detach().clone().requires_grad_(True)
         with GuidedBackprop() as mode:
             guided_values = unit_activations(model, layer, unit, guided_input, ys, xs)
@@ -73,7 +79,7 @@ def attribute(model: nn.Module, layer: str, unit: int, x: torch.Tensor, ys: torc
     finally:
         for p in params:
             p.requires_grad_(True)
-    return Attribution(values.detach(), gradient, guided, dict(mode.unguided))
+    return Attribution(guided_values.detach(), gradient, guided, dict(mode.unguided))
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,8 @@ def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data:
     xs = torch.as_tensor(hits.x[unit][:count], dtype=torch.int64)
     result = attribute(loaded.module, layer, unit, x, ys, xs)
     recorded = hits.value[unit][:count]
-    _check_reproduced(layer, unit, [images[i].path for i in range(count)], recorded, result.values.cpu().numpy())
+    check_reproduced(layer, unit, [images[i].path for i in range(count)], recorded, result.values.cpu().numpy())
+    assert result.gradient is not None
     rows = []
     for rank in range(count):
         box = tuple(int(v) for v in hits.box[unit][rank])
@@ -154,7 +161,7 @@ def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data:
                         result.gradient.cpu().numpy(), result.guided.cpu().numpy(), result.unguided)
 
 
-def _check_reproduced(layer: str, unit: int, paths: list[str], recorded: np.ndarray, now: np.ndarray) -> None:
+def check_reproduced(layer: str, unit: int, paths: list[str], recorded: np.ndarray, now: np.ndarray) -> None:
     scale = max(1.0, float(np.abs(recorded).max()))
     for path, before, after in zip(paths, recorded, now, strict=True):
         if not math.isclose(float(before), float(after), rel_tol=TOLERANCE, abs_tol=TOLERANCE * scale):
