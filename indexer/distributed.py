@@ -195,6 +195,8 @@ def resolve_device(requested: str | None, local_rank: int = 0, world_size: int =
                 raise UserError(f"local rank {local_rank} has no GPU: this node shows {count}; start at most "
                                 f"{count} processes per node (--nproc_per_node)")
             device = torch.device("cuda", local_rank)
+        elif device.index is None:  # 'cuda': the current GPU, named, so set_device and collectives accept it
+            device = torch.device("cuda", torch.cuda.current_device())
     elif device.type != "cpu":
         raise UserError(f"unsupported device '{requested}'; use cpu, cuda or cuda:N")
     return device
