@@ -229,8 +229,52 @@ def similar(index: Path, image: Path | None, image_id: int | None, k: int, layer
     click.echo(f"Wrote {out}")
 
 
+@click.command()
+@click.argument("index", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for the site (new, empty, or an atlas of the same index to extend).")
+@click.option("--layers", help="Comma-separated layers. Default: every layer of the index.")
+@click.option("--units", help="Units that get a page: '0-15', '3,7', 'LAYER:N', 'LAYER:A-B', comma-separated; plain "
+                              "entries apply to every chosen layer. Default: all units. Every unit gets a tile.")
+@click.option("--dream", is_flag=True, help="Also synthesize each chosen unit's dream (200 steps each).")
+@click.option("--jobs", default=1, show_default=True, type=int,
+              help="Worker processes, each with its own copy of the network.")
+@click.option("--batch-size", type=int, help="Hit images per backward pass. Default: 8 on the CPU, 64 on a GPU.")
+@click.option("--format", "image_format", type=click.Choice(["webp", "png"]), default="webp", show_default=True,
+              help="Picture format.")
+@click.option("--overwrite", is_flag=True, help="Replace a site that was built from another index.")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Where the images are now, if they moved.")
+@click.option("--weights", help="Where the index's weights file is now, if it moved (same contents).")
+@click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
+@click.option("--crash-after", type=int, hidden=True, help="Testing: stop after this many tasks.")
+def atlas(index: Path, out: Path, layers: str | None, units: str | None, dream: bool, jobs: int,
+          batch_size: int | None,
+          image_format: str, overwrite: bool, data_root: Path | None, weights: str | None, device: str | None,
+          crash_after: int | None) -> None:
+    """A static website of the index: every layer, unit and hit image, with guided backprop and similar images.
+
+    Run it again with more --layers or --units to extend a site; an interrupted build continues where it
+    stopped. Open OUT/index.html in a browser, or copy OUT to any web server.
+    """
+    from .atlas import AtlasConfig, build_atlas
+
+    config = AtlasConfig(index=index, out=out, layers=tuple(_names(layers)) if layers else None, units=units,
+                         dream=dream, jobs=jobs, batch_size=batch_size, device=_device(device), data=data_root,
+                         weights=weights, image_format=image_format, overwrite=overwrite, crash_after=crash_after)
+    summary = build_atlas(config, progress=True)
+    click.echo(f"Atlas of {summary.layers} layers: {summary.unit_pages} unit pages ({summary.units_computed} made "
+               f"now), {summary.image_pages} image pages; {summary.files} files, "
+               f"{(summary.page_bytes + summary.picture_bytes) / 1e6:.1f} MB ({summary.picture_bytes / 1e6:.1f} MB "
+               f"pictures) in {summary.seconds:.1f} s")
+    click.echo(f"Open {summary.front_page}")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 @click.group(cls=ActindexGroup, commands={**COMMANDS, "demo": demo, "neuron": neuron, "filters": filters,
-                                          "dream": dream, "similar": similar})
+                                          "dream": dream, "similar": similar, "atlas": atlas})
 @click.version_option(package_name="actindex")
 @debug_option
 def main(debug: bool) -> None:

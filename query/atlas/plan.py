@@ -1,0 +1,216 @@
+"""What an atlas holds and where each file goes: the selection of layers and units, the site's manifest, and
+everything the pages need from the index, read once.
+
+Site layout (all links relative, so the folder opens from disk and can be copied to any web server):
+    index.html                       front page
+    layers/<slug>.html               one per layer: a tile per unit
+    units/<slug>/<unit>.html         one per unit with a page
+    images/index.html, images/<id>.html   images that are some unit's hit, with their nearest images
+    img/u/<slug>/<unit>/p<r>.<ext>   hit r's receptive-field patch (p0 is also the unit's tile)
+    img/u/<slug>/<unit>/g<r>.<ext>   hit r's guided-backprop crop
+    img/u/<slug>/<unit>/dream.<ext>  the unit's dream (--dream)
+    img/i/<id>.<ext>                 a whole image, small
+    atlas.json                       the manifest: which index, which settings, which layers and units
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from actindex.indexer.errors import UserError, not_found
+from actindex.indexer.index_file import IndexReader, LayerHits
+
+MANIFEST = "atlas.json"
+MANIFEST_FORMAT = "actindex-atlas"
+MANIFEST_VERSION = 1
+FORMATS = ("webp", "png")
+# What a run may leave in the site folder; --overwrite removes these and nothing else.
+OWN = ("index.html", "atlas.css", "atlas.js", MANIFEST, "layers", "units", "images", "img")
+
+
+def slug(name: str) -> str:
+    """A layer name as a file name: dots and dashes stay, anything else outside [A-Za-z0-9_] becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
+
+
+def parse_units(spec: str | None, layers: dict[str, int]) -> dict[str, set[int]]:
+    """'0-15,40,classifier:967,blocks.2:3-5' -> units per layer. Plain entries apply to every layer in
+    `layers` (name -> channel count); 'LAYER:...' entries to that layer only. None or '' -> no units."""
+    chosen: dict[str, set[int]] = {name: set() for name in layers}
+    for entry in (spec or "").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        layer, _, numbers = entry.rpartition(":")
+        targets = [layer] if layer else list(layers)
+        if layer and layer not in layers:
+            raise not_found("layer", layer, layers, hint=f"in --units '{entry}'; these are the atlas's layers")
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", numbers)
+        if not match:
+            raise UserError(f"--units entry '{entry}' is not N, A-B, LAYER:N or LAYER:A-B")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise UserError(f"--units range '{numbers}' is empty; write the lower number first")
+        for name in targets:
+            if last >= layers[name]:
+                raise UserError(f"--units '{entry}': layer '{name}' has units 0-{layers[name] - 1}")
+            chosen[name].update(range(first, last + 1))
+    return chosen
+
+
+def index_identity(reader: IndexReader) -> str:
+    """sha256 of what the site shows from the index: its attributes, image list and every top-k table."""
+    digest = hashlib.sha256()
+    attrs = {key: value for key, value in reader.attrs.items() if not key.startswith("faiss_")}
+    digest.update(json.dumps(attrs, sort_keys=True, default=str).encode())
+    digest.update("\n".join(reader.image_paths()).encode())
+    for name in reader.layer_names:
+        hits = reader.layer(name)
+        for array in (hits.value, hits.image, hits.box):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """atlas.json: the index a site shows, how its images are encoded, and what it holds so far."""
+
+    index: str
+    identity: str
+    image_format: str
+    layers: list[str] = field(default_factory=list)
+    units: dict[str, list[int]] = field(default_factory=dict)  # units with a page, per layer
+    dreams: dict[str, list[int]] = field(default_factory=dict)  # units with a dream, per layer
+    unguided: dict[str, dict[str, int]] = field(default_factory=dict)  # per layer, from the last run on it
+    sizes: dict[int, tuple[int, int]] = field(default_factory=dict)  # original (height, width) of thumbnails
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "index": self.index,
+                "identity": self.identity, "image_format": self.image_format, "layers": self.layers,
+                "units": self.units, "dreams": self.dreams, "unguided": self.unguided,
+                "sizes": {str(k): list(v) for k, v in sorted(self.sizes.items())}}
+
+    def write(self, site: Path) -> None:
+        write_text(site / MANIFEST, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+
+    @staticmethod
+    def read(site: Path) -> Manifest | None:
+        """The site's manifest, None for an empty or new folder; anything else is refused."""
+        path = site / MANIFEST
+        if site.exists() and not site.is_dir():
+            raise UserError(f"--out '{site}' is a file; give a folder for the site")
+        if not path.is_file():
+            if site.is_dir() and any(site.iterdir()):
+                raise UserError(f"'{site}' is not empty and holds no {MANIFEST}: it is not an actindex atlas; "
+                                "give a new or empty folder")
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"'{path}' cannot be read ({error}); give a new folder, or delete the site") from error
+        if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
+            raise UserError(f"'{path}' is not an actindex atlas manifest of version {MANIFEST_VERSION} "
+                            f"(format {data.get('format')!r}, version {data.get('version')!r}); give a new folder")
+        return Manifest(index=data["index"], identity=data["identity"], image_format=data["image_format"],
+                        layers=list(data["layers"]), units={k: list(v) for k, v in data["units"].items()},
+                        dreams={k: list(v) for k, v in data["dreams"].items()},
+                        unguided={k: dict(v) for k, v in data["unguided"].items()},
+                sizes={int(k): (int(v[0]), int(v[1])) for k, v in data["sizes"].items()})
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write under a temporary name and rename: a file in the site is always whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer as the atlas shows it: the index's top-k table, plus its file-name slug."""
+
+    hits: LayerHits
+    slug: str
+    mean: np.ndarray | None  # (C,) mean score over the indexed images, when the index records it
+
+    @property
+    def name(self) -> str:
+        return self.hits.name
+
+
+@dataclass
+class Plan:
+    """Everything a worker or a page needs, read from the index and the manifest once, picklable."""
+
+    index: Path
+    site: Path
+    image_format: str
+    attrs: dict[str, Any]
+    paths: list[str]
+    labels: np.ndarray  # (N,) class index, -1 without classes
+    classes: list[str]
+    skipped: list[tuple[str, str]]
+    layers: dict[str, Layer]  # the atlas's layers, in index order
+    pages: dict[str, list[int]]  # units with a page, per layer, sorted
+    dreams: dict[str, set[int]]
+    unguided: dict[str, dict[str, int]]
+    # Nearest units over all units of the atlas's layers; global unit g is (unit_layer[g], unit_channel[g]).
+    unit_layer: list[str] = field(default_factory=list)
+    unit_channel: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    near_index: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (U, n), -1 empty
+    near_count: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    first_unit: dict[str, int] = field(default_factory=dict)  # global index of each layer's unit 0
+    image_pages: list[int] = field(default_factory=list)  # ids with a page, sorted
+    image_sizes: dict[int, tuple[int, int]] = field(default_factory=dict)  # original (height, width)
+    neighbours: dict[int, list[tuple[int, float]]] | None = None  # None: the index has no similarity index
+    similarity_layer: str = ""
+
+    @property
+    def ext(self) -> str:
+        return self.image_format
+
+    def hit_count(self, layer: str, unit: int) -> int:
+        return int((self.layers[layer].hits.image[unit] >= 0).sum())
+
+    # Paths relative to the site root.
+    def layer_url(self, layer: str) -> str:
+        return f"layers/{self.layers[layer].slug}.html"
+
+    def unit_url(self, layer: str, unit: int) -> str:
+        return f"units/{self.layers[layer].slug}/{unit}.html"
+
+    def image_url(self, image_id: int) -> str:
+        return f"images/{image_id}.html"
+
+    def unit_file(self, layer: str, unit: int, name: str) -> str:
+        return f"img/u/{self.layers[layer].slug}/{unit}/{name}.{self.ext}"
+
+    def image_file(self, image_id: int) -> str:
+        return f"img/i/{image_id}.{self.ext}"
+
+    def unit_files(self, layer: str, unit: int) -> list[str]:
+        """The images a unit page shows, whose presence means the unit's work is done."""
+        count = self.hit_count(layer, unit)
+        names = [f"p{r}" for r in range(count)] + [f"g{r}" for r in range(count)]
+        if unit in self.dreams.get(layer, set()):
+            names.append("dream")
+        return [self.unit_file(layer, unit, name) for name in names]
+
+    def unit_done(self, layer: str, unit: int) -> bool:
+        return all((self.site / name).is_file() for name in self.unit_files(layer, unit))

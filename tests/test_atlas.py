@@ -1,0 +1,338 @@
+"""The atlas: a static site from a tiny index, checked against the index, the neuron query, exact search and
+an uninterrupted build; links are checked on disk here and in a real browser in test_demo.py."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from actindex.indexer.build import BuildConfig, build_index
+from actindex.indexer.errors import UserError
+from actindex.indexer.images import crop_geometry, preprocess
+from actindex.indexer.index_file import IndexReader
+from actindex.query.atlas import AtlasConfig, InjectedCrash, build_atlas
+from actindex.query.atlas.plan import parse_units
+from actindex.query.cli import main
+from actindex.query.neuron import query_neuron
+from actindex.query.render import map_image
+
+from test_build import SIZE, make_images
+from tiny_models import tiny_net
+
+LAYERS = ("block", "down", "head")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("atlas")
+    make_images(root / "data", n=30, seed=3)  # and one unreadable file
+    weights = root / "tiny.pt"
+    torch.save(tiny_net().state_dict(), weights)
+    index = root / "index.h5"
+    build_index(BuildConfig(data=root / "data", model="tiny_models:tiny_net", out=index, weights=str(weights),
+                            layers=LAYERS, k=4, input_size=SIZE, batch_size=8, workers=0, embed_layer="down",
+                            device="cpu"))
+    return index, root / "data", weights
+
+
+def config(index: Path, out: Path, **changes: object) -> AtlasConfig:
+    return AtlasConfig(index=index, out=out, image_format="png", **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def site(built: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("site") / "site"
+    build_atlas(config(built[0], out, dream=False))
+    return out
+
+
+class Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name in ("href", "src") and value:
+                self.links.append(value)
+
+
+def links(page: Path) -> list[str]:
+    parser = Links()
+    parser.feed(page.read_text())
+    return parser.links
+
+
+def copy_index(index: Path, folder: Path) -> Path:
+    """The HDF5 file and the FAISS file it names, into `folder`."""
+    folder.mkdir()
+    shutil.copy(index.with_suffix(".faiss"), folder)
+    return Path(shutil.copy(index, folder))
+
+
+def files(site: Path) -> dict[str, bytes]:
+    return {p.relative_to(site).as_posix(): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()}
+
+
+def test_every_link_and_picture_of_every_page_resolves_inside_the_site(site: Path) -> None:
+    pages = list(site.rglob("*.html"))
+    assert len(pages) > 20
+    for page in pages:
+        for link in links(page):
+            assert not re.match(r"^[a-z]+:|^/", link), f"{page}: {link} is not relative"
+            target = (page.parent / link.split("#")[0]).resolve()
+            assert target.is_file() and site.resolve() in target.parents, f"{page}: broken link {link}"
+
+
+def test_every_layer_and_unit_has_its_page_and_tile_and_every_hit_image_its_page(
+        built: tuple[Path, Path, Path], site: Path) -> None:
+    with IndexReader(built[0]) as reader:
+        tables = {name: reader.layer(name) for name in LAYERS}
+    hit_images = set()
+    for name, hits in tables.items():
+        assert (site / "layers" / f"{name}.html").is_file()
+        layer_links = links(site / "layers" / f"{name}.html")
+        for unit in range(hits.channels):
+            assert f"../units/{name}/{unit}.html" in layer_links
+            count = int((hits.image[unit] >= 0).sum())
+            for rank in range(count):
+                assert (site / "img" / "u" / name / str(unit) / f"p{rank}.png").is_file()
+                assert (site / "img" / "u" / name / str(unit) / f"g{rank}.png").is_file()
+            hit_images.update(int(i) for i in hits.image[unit] if i >= 0)
+    pages = {int(p.stem) for p in (site / "images").glob("*.html") if p.stem != "index"}
+    assert pages == hit_images
+    assert sorted(int(link[:-5]) for link in links(site / "images" / "index.html") if link.endswith(".html")
+                  and link[:-5].isdigit()) == sorted(hit_images)
+
+
+def test_patches_are_the_original_images_cut_at_the_recorded_box(built: tuple[Path, Path, Path], site: Path) -> None:
+    index, data, _ = built
+    with IndexReader(index) as reader:
+        hits = reader.layer("down")
+        paths = reader.image_paths()
+    sources = set()
+    for unit in range(hits.channels):
+        for rank in range(4):
+            original = Image.open(data / paths[hits.image[unit, rank]]).convert("RGB")
+            y0, x0, y1, x1 = (int(v) for v in hits.box[unit, rank])
+            geometry = crop_geometry(original.width, original.height, SIZE)
+            oy0, ox0, oy1, ox1 = geometry.to_original((y0, x0, y1, x1))
+            if (oy1 - oy0) * (ox1 - ox0) > (y1 - y0) * (x1 - x0):  # the original is sharper: cut from it
+                expected = np.asarray(original.crop((ox0, oy0, ox1, oy1)))
+                sources.add("original")
+            else:
+                expected = preprocess(original, SIZE)[:, y0:y1, x0:x1].permute(1, 2, 0).numpy()
+                sources.add("input")
+            saved = np.asarray(Image.open(site / f"img/u/down/{unit}/p{rank}.png"))
+            assert np.array_equal(saved, expected)
+    assert sources == {"original", "input"}
+
+
+def test_guided_crops_are_the_neuron_querys_maps(built: tuple[Path, Path, Path], site: Path) -> None:
+    """Batched over many units in the atlas, one unit at a time in the query: the same 8-bit pictures."""
+    index = built[0]
+    for layer, unit in (("block", 2), ("down", 7), ("head", 3)):
+        result = query_neuron(index, layer, unit, device="cpu")
+        for hit in result.hits:
+            y0, x0, y1, x1 = hit.box
+            expected = np.asarray(map_image(result.guided[hit.rank][:, y0:y1, x0:x1])).astype(int)
+            saved = np.asarray(Image.open(site / f"img/u/{layer}/{unit}/g{hit.rank}.png")).astype(int)
+            assert saved.shape == expected.shape
+            assert np.abs(saved - expected).max() <= 1 and (saved == expected).mean() > 0.99
+
+
+def test_layer_tiles_carry_maximum_and_mean_for_sorting(built: tuple[Path, Path, Path], site: Path) -> None:
+    with IndexReader(built[0]) as reader:
+        hits, mean = reader.layer("down"), reader.layer_mean("down")
+    text = (site / "layers" / "down.html").read_text()
+    found = re.findall(r'data-unit="(\d+)" data-max="([^"]+)" data-mean="([^"]+)"', text)
+    assert [int(u) for u, _, _ in found] == list(range(hits.channels))
+    assert mean is not None
+    assert [float(m) for _, m, _ in found] == hits.value[:, 0].astype(float).tolist()
+    assert [float(m) for _, _, m in found] == mean.tolist()
+    assert '<div class="controls" hidden>' in text  # shown by atlas.js only
+
+
+def test_image_pages_list_the_exact_nearest_images(built: tuple[Path, Path, Path], site: Path) -> None:
+    with IndexReader(built[0]) as reader:
+        vectors = reader.embeddings("down")[()]
+    valid = np.isfinite(vectors).all(axis=1)
+    unit = np.where(valid[:, None], vectors, 0) / np.linalg.norm(np.where(valid[:, None], vectors, 1), axis=1,
+                                                                 keepdims=True)
+    for page in sorted((site / "images").glob("[0-9]*.html"))[:10]:
+        image_id = int(page.stem)
+        scores = unit @ unit[image_id]
+        scores[~valid] = -np.inf
+        scores[image_id] = -np.inf
+        expected = np.argsort(-scores, kind="stable")[:8].tolist()
+        shown = [int(m) for m in re.findall(r'<figure class="near">(?:<a href="\d+.html">)?<img src="../img/i/(\d+)',
+                                            page.read_text())]
+        assert shown == expected, page.name
+
+
+def test_a_crashed_build_resumes_to_the_same_site(built: tuple[Path, Path, Path], site: Path, tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    with pytest.raises(InjectedCrash):
+        build_atlas(config(built[0], out, crash_after=2))
+    assert not (out / "index.html").exists()
+    summary = build_atlas(config(built[0], out))
+    assert 0 < summary.units_computed < summary.unit_pages
+    assert files(out) == files(site)
+
+
+def test_more_units_and_layers_later_add_only_what_is_new(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    first = build_atlas(config(built[0], out, layers=("down",), units="0-2"))
+    assert (first.units_computed, first.unit_pages, first.layers) == (3, 3, 1)
+    kept = (out / "img/u/down/1/g0.png").stat().st_mtime_ns
+    assert 'href="../units/down/3.html"' not in (out / "layers/down.html").read_text()
+    second = build_atlas(config(built[0], out, layers=("down", "head"), units="3,head:1"))
+    assert (second.units_computed, second.unit_pages, second.layers) == (3, 6, 2)  # down 3, head 1 and 3
+    assert (out / "img/u/down/1/g0.png").stat().st_mtime_ns == kept
+    assert 'href="../units/down/3.html"' in (out / "layers/down.html").read_text()
+    again = build_atlas(config(built[0], out, layers=("down",), units="0-3"))
+    assert again.units_computed == 0 and again.unit_pages == 6
+
+
+def test_two_worker_processes_make_the_same_site(built: tuple[Path, Path, Path], site: Path, tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    build_atlas(config(built[0], out, jobs=2))
+    ours, reference = files(out), files(site)
+    assert ours.keys() == reference.keys()
+    for name, data in ours.items():
+        if name.endswith(".png") and "/g" in name:  # other thread counts: float sums may differ in the last bit
+            a = np.asarray(Image.open(out / name)).astype(int)
+            b = np.asarray(Image.open(site / name)).astype(int)
+            assert a.shape == b.shape and np.abs(a - b).max() <= 1, name
+        else:
+            assert data == reference[name], name
+
+
+def test_dream_and_webp(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    summary = build_atlas(AtlasConfig(index=built[0], out=out, layers=("head",), units="2", dream=True,
+                                      dream_steps=5))
+    assert summary.units_computed == 1
+    dream = out / "img/u/head/2/dream.webp"
+    assert Image.open(dream).format == "WEBP" and Image.open(out / "img/u/head/2/g0.webp").format == "WEBP"
+    assert 'src="../../img/u/head/2/dream.webp"' in (out / "units/head/2.html").read_text()
+    assert summary.files == len(files(out))
+    assert summary.page_bytes + summary.picture_bytes == sum(len(b) for b in files(out).values())
+
+
+def test_refusals_leave_other_folders_and_sites_alone(built: tuple[Path, Path, Path], site: Path,
+                                                      tmp_path: Path) -> None:
+    index = built[0]
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    with pytest.raises(UserError, match="not an actindex atlas"):
+        build_atlas(config(index, foreign))
+    assert [p.name for p in foreign.iterdir()] == ["todo.txt"]
+    with pytest.raises(UserError, match="holds png pictures; pass --format png"):
+        build_atlas(AtlasConfig(index=index, out=site, image_format="webp"))
+    other = copy_index(index, tmp_path / "other")
+    import h5py
+
+    with h5py.File(other, "a") as h5:
+        h5.attrs["k"] = 5  # any change to what the site shows makes it another index
+    copy = tmp_path / "copy"
+    shutil.copytree(site, copy)
+    (copy / "mine.txt").write_text("keep")
+    with pytest.raises(UserError, match="atlas of another index"):
+        build_atlas(config(other, copy, layers=("head",), units="0"))
+    build_atlas(config(other, copy, layers=("head",), units="0", overwrite=True))
+    assert (copy / "mine.txt").read_text() == "keep" and not (copy / "layers/down.html").exists()
+    with pytest.raises(UserError, match="unknown layer 'downn'; did you mean down"):
+        build_atlas(config(index, tmp_path / "x", layers=("downn",)))
+    assert not (tmp_path / "x").exists()
+
+
+def test_moved_images_need_data_root(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    index, data, _ = built
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    renamed = copy_index(index, tmp_path / "renamed")
+    with IndexReader(index) as reader:
+        attrs_root = reader.attrs["data_root"]
+    assert Path(attrs_root) == data.resolve()
+    import h5py
+
+    with h5py.File(renamed, "a") as h5:
+        h5.attrs["data_root"] = str(tmp_path / "gone")
+    with pytest.raises(UserError, match="pass --data-root NEW_ROOT"):
+        build_atlas(config(renamed, tmp_path / "a", layers=("head",), units="0"))
+    summary = build_atlas(config(renamed, tmp_path / "b", layers=("head",), units="0", data=moved))
+    assert summary.unit_pages == 1
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("0-2,5", {"a": {0, 1, 2, 5}, "b": {0, 1, 2, 5}}),
+    ("b:7,a:1-2", {"a": {1, 2}, "b": {7}}),
+    ("", {"a": set(), "b": set()}),
+])
+def test_units_spec(spec: str, expected: dict[str, set[int]]) -> None:
+    assert parse_units(spec, {"a": 6, "b": 8}) == expected
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("6", "layer 'a' has units 0-5"), ("c:1", "unknown layer 'c'"), ("x", "is not N, A-B"),
+    ("3-1", "write the lower number first"),
+])
+def test_bad_units_spec(spec: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        parse_units(spec, {"a": 6, "b": 8})
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--layers", "nope"], "unknown layer 'nope'"),
+    (["--units", "head:99"], "has units 0-"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+])
+def test_cli_errors_are_one_line(built: tuple[Path, Path, Path], tmp_path: Path, args: list[str],
+                                 message: str) -> None:
+    result = CliRunner().invoke(main, ["atlas", str(built[0]), "--out", str(tmp_path / "s"), *args])
+    assert result.exit_code == 1 and message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_builds_and_reports_the_size(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    result = CliRunner().invoke(main, ["atlas", str(built[0]), "--out", str(out), "--layers", "head",
+                                       "--units", "0-1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert f"{size / 1e6:.1f} MB" in result.output and f"Open {out / 'index.html'}" in result.output
+
+
+def test_only_hit_images_and_their_neighbours_are_decoded(built: tuple[Path, Path, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """No forward pass over the dataset: the build decodes (and runs) only what its pages show."""
+    from actindex.query.atlas import work
+
+    decoded: list[str] = []
+    real = work.load_index_images
+
+    def recording(root: Path, paths: list[str], *args: object) -> object:
+        decoded.extend(paths)
+        return real(root, paths, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(work, "load_index_images", recording)
+    out = tmp_path / "site"
+    build_atlas(config(built[0], out, layers=("head",), units="0", neighbours=2, nearest_units=0))
+    with IndexReader(built[0]) as reader:
+        hits = reader.layer("head")
+        paths = reader.image_paths()
+    shown = {paths[i] for i in hits.image[:, 0] if i >= 0} | {paths[i] for i in hits.image[0] if i >= 0}
+    for page in (out / "images").glob("[0-9]*.html"):
+        shown.update(paths[int(i)] for i in re.findall(r'img/i/(\d+)\.png', page.read_text()))
+    assert set(decoded) == shown and len(shown) < len(paths) - 1  # fewer than the readable images
+    assert len(decoded) == len(set(decoded))  # each decoded once: kept while the build runs
