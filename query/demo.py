@@ -123,7 +123,35 @@ def run_demo(out: Path, images_per_photo: int = 16, workers: int = 2, device: st
              f"{summary.images_per_second:.1f} images/s on {summary.device}")
     tour(index, echo)
     pictures(index, out, device, echo)
+    site_atlas(index, out / "atlas", device, overwrite, echo)
     return index
+
+
+def site_atlas(index: Path, site: Path, device: str | None = None, overwrite: bool = True,
+               echo: Echo = print) -> Path:
+    """The demo's atlas: every layer with a tile per unit, pages for the first units of each layer and the
+    tour's units, then (a second, incremental run) the espresso logit's page with its dream."""
+    from actindex.indexer.distributed import resolve_device
+    from actindex.indexer.index_file import IndexReader
+
+    from .atlas import AtlasConfig, build_atlas
+
+    with IndexReader(index) as reader:
+        paths = reader.image_paths()
+        chosen = ["0-3", f"{LOGIT_LAYER}:285"]
+        for name in ("blocks.2", "blocks.4", "conv_head"):
+            chosen += [f"{name}:{unit}" for unit, _, _ in _pure_units(reader.layer(name).image, paths)[:1]]
+    target = str(resolve_device(device))
+    echo("\nAtlas (a static site: every layer's units as tiles; unit pages with patches, guided backprop, "
+         "nearest units; image pages with their nearest images):")
+    for units, dream in ((",".join(chosen), False), (f"{LOGIT_LAYER}:967", True)):
+        config = AtlasConfig(index=index, out=site, units=units, dream=dream, device=target, overwrite=overwrite)
+        summary = build_atlas(config)
+        echo(f"  --units {units}{' --dream' if dream else ''}: {summary.units_computed} unit(s) made now, "
+             f"{summary.unit_pages} unit pages, {summary.image_pages} image pages, {summary.files} files, "
+             f"{(summary.page_bytes + summary.picture_bytes) / 1e6:.1f} MB, {summary.seconds:.1f} s")
+    echo(f"  open {summary.front_page}")
+    return summary.front_page
 
 
 def pictures(index: Path, out: Path, device: str | None = None, echo: Echo = print) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from PIL import Image  # noqa: E402
 from actindex.indexer.images import preprocess  # noqa: E402
 from actindex.indexer.index_file import IndexReader  # noqa: E402
 from actindex.indexer.models import load_model  # noqa: E402
-from actindex.query.demo import LAYERS, MODEL, _photo, demo_weights, run_demo  # noqa: E402
+from actindex.query.demo import LAYERS, MODEL, _photo, demo_weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,27 +44,37 @@ def test_demo_layers_are_the_default_stages_plus_the_logits(weights: Path) -> No
     assert (*resolve_layers(module, None, 224), "classifier") == LAYERS
 
 
-def test_demo_runs_end_to_end(tmp_path: Path, weights: Path) -> None:
-    (tmp_path / weights.name).write_bytes(weights.read_bytes())
-    lines: list[str] = []
-    index = run_demo(tmp_path, images_per_photo=2, workers=0, device="cpu", echo=lines.append)
-    text = "\n".join(lines)
+def test_demo_runs_end_to_end(demo_run: tuple[Path, str]) -> None:
+    out, text = demo_run
+    index = out / "index.h5"
     assert "class 285 'Egyptian cat': chelsea/" in text and "class 967 'espresso': coffee/" in text
     assert "Skipped coffee/coffee_truncated.jpg: truncated or corrupt image" in text
     with IndexReader(index) as reader:
         assert reader.layer_names == list(LAYERS)
         assert reader.attrs["num_images"] == 2 * 19 + 1
-    pictures = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")
-                      if not p.relative_to(tmp_path).as_posix().startswith("images/"))
+    pictures = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")
+                      if not p.relative_to(out).as_posix().startswith(("images/", "atlas/")))
     assert pictures[:3] == ["dream-espresso.png", "filters.png", "similar-camera.png"]
-    assert (tmp_path / "index.faiss").is_file()
+    assert (out / "index.faiss").is_file()
     assert "units/classifier-unit285.png" in pictures and "units/classifier-unit967.png" in pictures
     assert len([p for p in pictures if p.startswith("units/")]) == 5
     # The dream is an espresso to the network itself, read back from the PNG as any image would be.
-    loaded = load_model(MODEL, str(weights))
+    loaded = load_model(MODEL, str(out / 'efficientnet_lite0.safetensors'))
     mean = torch.tensor(loaded.mean).view(3, 1, 1)
     std = torch.tensor(loaded.std).view(3, 1, 1)
-    dreamed = Image.open(tmp_path / "dream-espresso.png").convert("RGB")
+    dreamed = Image.open(out / "dream-espresso.png").convert("RGB")
     x = (torch.from_numpy(np.asarray(dreamed).copy()).permute(2, 0, 1).float() / 255 - mean) / std
     with torch.inference_mode():
         assert int(loaded.module(x.unsqueeze(0))[0].argmax()) == 967
+
+
+def test_demo_builds_its_atlas_in_two_runs(demo_run: tuple[Path, str]) -> None:
+    out, text = demo_run
+    site = out / "atlas"
+    assert f"open {site / 'index.html'}" in text
+    assert re.search(r"--units classifier:967 --dream: 1 unit\(s\) made now", text)
+    for layer in LAYERS:
+        assert (site / "layers" / f"{layer}.html").is_file()
+    assert (site / "units/classifier/285.html").is_file() and (site / "units/classifier/967.html").is_file()
+    assert (site / "img/u/classifier/967/dream.webp").is_file()
+    assert not (site / "img/u/classifier/285/dream.webp").exists()
