@@ -10,11 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from actindex.indexer.build import BuildConfig, build_index
 from actindex.indexer.errors import UserError
 from actindex.indexer.images import crop_geometry, preprocess
 from actindex.indexer.index_file import IndexReader
@@ -24,23 +22,14 @@ from actindex.query.cli import main
 from actindex.query.neuron import query_neuron
 from actindex.query.render import map_image
 
-from test_build import SIZE, make_images
-from tiny_models import tiny_net
+from test_build import SIZE, tiny_index
 
 LAYERS = ("block", "down", "head")
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    root = tmp_path_factory.mktemp("atlas")
-    make_images(root / "data", n=30, seed=3)  # and one unreadable file
-    weights = root / "tiny.pt"
-    torch.save(tiny_net().state_dict(), weights)
-    index = root / "index.h5"
-    build_index(BuildConfig(data=root / "data", model="tiny_models:tiny_net", out=index, weights=str(weights),
-                            layers=LAYERS, k=4, input_size=SIZE, batch_size=8, workers=0, embed_layer="down",
-                            device="cpu"))
-    return index, root / "data", weights
+    return tiny_index(tmp_path_factory.mktemp("atlas"), LAYERS, k=4, n=30, seed=3)
 
 
 def config(index: Path, out: Path, **changes: object) -> AtlasConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -98,11 +99,25 @@ def expected_box(y: int, x: int, field: tuple[tuple[int, int, int], tuple[int, i
     return [max(y0, 0), max(x0, 0), min(y0 + ry, SIZE), min(x0 + rx, SIZE)]
 
 
-def run_build(data: Path, weights: Path, out: Path, batch_size: int, workers: int, k: int = 5) -> Path:
+def run_build(data: Path, weights: Path, out: Path, batch_size: int = 8, workers: int = 0, k: int = 5,
+              layers: tuple[str, ...] = LAYERS, embed_layer: str = "down", factory: str | None = None) -> Path:
     build_index(BuildConfig(data=data, model="tiny_models:tiny_net", out=out, weights=str(weights),
-                            layers=LAYERS, k=k, input_size=SIZE, batch_size=batch_size, workers=workers,
-                            embed_layer="down", device="cpu"))
+                            layers=layers, k=k, input_size=SIZE, batch_size=batch_size, workers=workers,
+                            embed_layer=embed_layer, device="cpu", faiss_factory=factory))
     return out
+
+
+def tiny_index(root: Path, layers: tuple[str, ...], k: int, n: int, seed: int,
+               prepare: Callable[[Path], None] | None = None) -> tuple[Path, Path, Path]:
+    """(index, data, weights) under `root`: `n` generated images and one unreadable file (plus what `prepare`
+    adds to the folder), tiny_net's weights in a file, and a CPU index of them with its FAISS file."""
+    data = root / "data"
+    make_images(data, n=n, seed=seed)
+    if prepare is not None:
+        prepare(data)
+    weights = root / "tiny.pt"
+    torch.save(tiny_net().state_dict(), weights)
+    return run_build(data, weights, root / "index.h5", k=k, layers=layers), data, weights
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from click.testing import CliRunner
 from PIL import Image
 from torchvision import transforms
 
-from actindex.indexer.build import BuildConfig, build_index
 from actindex.indexer.errors import UserError
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
@@ -22,7 +21,7 @@ from actindex.query.cli import main
 from actindex.query.neuron import attribute, query_neuron
 from actindex.query.render import TILE, neuron_sheet, patch_image
 
-from test_build import SIZE, make_images
+from test_build import SIZE, tiny_index
 from tiny_models import tiny_net
 
 LAYERS = ("stem", "block", "down", "head")
@@ -31,18 +30,11 @@ LAYERS = ("stem", "block", "down", "head")
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(index, data, weights): the images are big enough that patches from the originals are sharper."""
-    root = tmp_path_factory.mktemp("neuron")
-    data = root / "data"
-    make_images(data, n=20, seed=3)
-    big = Image.fromarray(np.random.default_rng(4).integers(0, 256, (8, 10, 3), dtype=np.uint8))
-    big.resize((400, 320), Image.Resampling.BICUBIC).save(data / "class0" / "big.png")
-    weights = root / "tiny.pt"
-    torch.save(tiny_net().state_dict(), weights)
-    index = root / "index.h5"
-    build_index(BuildConfig(data=data, model="tiny_models:tiny_net", out=index, weights=str(weights),
-                            layers=LAYERS, k=6, input_size=SIZE, batch_size=8, workers=0, embed_layer="down",
-                            device="cpu"))
-    return index, data, weights
+    def add_big_image(data: Path) -> None:
+        big = Image.fromarray(np.random.default_rng(4).integers(0, 256, (8, 10, 3), dtype=np.uint8))
+        big.resize((400, 320), Image.Resampling.BICUBIC).save(data / "class0" / "big.png")
+
+    return tiny_index(tmp_path_factory.mktemp("neuron"), LAYERS, k=6, n=20, seed=3, prepare=add_big_image)
 
 
 def reference_maps(data: Path, path: str, weights: Path, layer: str, unit: int, y: int, x: int) -> torch.Tensor:

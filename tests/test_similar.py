@@ -10,11 +10,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from actindex.indexer.build import BuildConfig, build_index
 from actindex.indexer.errors import UserError
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.vector_file import vector_index_path
@@ -22,24 +20,18 @@ from actindex.query.cli import main
 from actindex.query.render import GAP, TILE
 from actindex.query.similar import find_similar
 
-from test_build import SIZE, make_images
-from tiny_models import tiny_net
+from test_build import SIZE, run_build, tiny_index
+
+LAYERS = ("block", "down")
 
 
 def build(data: Path, weights: Path, out: Path, embed_layer: str = "down", factory: str | None = None) -> Path:
-    build_index(BuildConfig(data=data, model="tiny_models:tiny_net", out=out, weights=str(weights),
-                            layers=("block", "down"), k=4, input_size=SIZE, batch_size=8, workers=0,
-                            embed_layer=embed_layer, device="cpu", faiss_factory=factory))
-    return out
+    return run_build(data, weights, out, k=4, layers=LAYERS, embed_layer=embed_layer, factory=factory)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    root = tmp_path_factory.mktemp("similar")
-    make_images(root / "data", n=30, seed=7)  # and one unreadable file
-    weights = root / "tiny.pt"
-    torch.save(tiny_net().state_dict(), weights)
-    return build(root / "data", weights, root / "index.h5"), root / "data", weights
+    return tiny_index(tmp_path_factory.mktemp("similar"), LAYERS, k=4, n=30, seed=7)
 
 
 def exact(index: Path, query: np.ndarray, k: int) -> tuple[list[int], np.ndarray]:
