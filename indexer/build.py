@@ -44,7 +44,7 @@ from .distributed import Job, PeerFailed, start_job
 from .errors import UserError, not_found
 from .images import DEFAULT_MAX_PIXELS, ImageDataset, ImageList, scan_folder
 from .index_file import IndexWriter, LayerHits, atomic_output, check_output
-from .layers import addressable_layers, resolve_layers
+from .layers import addressable_layers, check_indexable, resolve_layers
 from .models import LoadedModel, load_model
 from .vector_file import NONE, build_beside, vector_index_path
 from .vectors import check_factory
@@ -453,6 +453,7 @@ def _embedding_dim(plan: _Plan) -> int:
     geometry = trace_geometry(plan.loaded.module, plan.config.input_size, [plan.embed_layer], device=plan.device)
     if plan.embed_layer not in geometry:
         raise UserError(f"--embed-layer '{plan.embed_layer}' does not run in the forward pass; choose another")
+    check_indexable(geometry[plan.embed_layer], role="--embed-layer")
     return geometry[plan.embed_layer].channels
 
 

@@ -172,17 +172,21 @@ def layers(model: str, weights: str | None, input_size: int, show_all: bool, as_
                               indent=2))
         return
     width = max([len(r["name"]) for r in rows] + [5])
-    click.echo(f"  {'layer':<{width}}  {'type':<20} {'channels':>8} {'size':>9} {'rf size':>9} {'stride':>7} "
-               f"{'padding':>9}")
+    click.echo(f"  {'layer':<{width}}  {'type':<20} {'output':>12} {'channels':>8} {'size':>9} {'rf size':>9} "
+               f"{'stride':>7} {'padding':>9}")
     for r in rows:
         mark = "*" if r["name"] in defaults else " "
+        output = "x".join(str(n) for n in r["shape"]) if r["shape"] else "-"
         size = f"{r['height']}x{r['width']}" if r["height"] is not None else "-"
         rf = _yx(r["rf_size"]) if r["rf_size"] else "-"
         stride = _yx(r["rf_stride"]) if r["rf_stride"] else "-"
         padding = _yx(r["rf_padding"]) if r["rf_padding"] else (r["note"] or "-")
-        click.echo(f"{mark} {r['name']:<{width}}  {r['type']:<20} {r['channels'] or '-':>8} {size:>9} {rf:>9} "
-                   f"{stride:>7} {padding:>9}")
-    click.echo(f"* default layers: {','.join(defaults)}")
+        click.echo(f"{mark} {r['name']:<{width}}  {r['type']:<20} {output:>12} {r['channels'] or '-':>8} {size:>9} "
+                   f"{rf:>9} {stride:>7} {padding:>9}")
+    if any(r["shape"] and not r["indexable"] for r in rows):
+        click.echo("- channels: the output is neither a (C, H, W) feature map nor a (C,) vector (e.g. a transformer's "
+                   "tokens x features); such layers cannot be indexed")
+    click.echo(f"* default layers: {','.join(defaults) or 'none found (name them with --layers)'}")
 
 
 @click.command()

@@ -42,11 +42,32 @@ def resolve_layers(model: nn.Module, requested: Sequence[str] | None, input_size
         geometry = all_geometry(model, input_size, device)
         chosen = default_layers(model, geometry)
         geometry = {name: geometry[name] for name in chosen}
+    for geo in geometry.values():
+        check_indexable(geo)
     missing = [name for name in geometry if geometry[name].field is None]
     if missing:
         name = missing[0]
         raise UserError(f"layer '{name}' has no receptive field ({geometry[name].note}); choose another layer")
     return geometry
+
+
+_LAYOUTS = {"HWC": "a channels-last (H, W, C) map", "": "neither a feature map nor a vector"}
+
+
+def output_shape(geometry: LayerGeometry) -> str:
+    """One image's output as 'CxHxW' numbers, e.g. '64x56x56', '1000', '197x192'."""
+    return "x".join(str(n) for n in geometry.shape) or "-"
+
+
+def check_indexable(geometry: LayerGeometry, role: str = "layer") -> None:
+    """Refuse a layer whose output is not a (C, H, W) map or a (C,) vector, such as a transformer's tokens."""
+    if geometry.indexable:
+        return
+    what = _LAYOUTS.get(geometry.layout, _LAYOUTS[""])
+    tokens = " (tokens x features, as a transformer block gives)" if len(geometry.shape) == 2 else ""
+    raise UserError(f"{role} '{geometry.name}' outputs {output_shape(geometry)} per image{tokens}: {what}; "
+                    "actindex indexes layers whose output is a (C, H, W) feature map or a (C,) vector: choose "
+                    "a convolutional or linear layer ('actindex layers --model …' marks the others with -)")
 
 
 def default_layers(model: nn.Module, geometry: dict[str, LayerGeometry]) -> list[str]:
@@ -69,7 +90,8 @@ def default_layers(model: nn.Module, geometry: dict[str, LayerGeometry]) -> list
     for name in candidates:
         geo = geometry.get(name)
         module = modules[name]
-        if geo is None or geo.field is None or isinstance(module, _POOLS) or (geo.height, geo.width) == (1, 1):
+        if geo is None or geo.field is None or not geo.indexable or isinstance(module, _POOLS) \
+                or (geo.height, geo.width) == (1, 1):
             continue
         if not any(isinstance(m, nn.Conv2d) for m in module.modules()):
             continue
@@ -98,13 +120,16 @@ def layer_table(spec: str, weights: str | None, input_size: int) -> tuple[list[d
             continue
         geo = geometry.get(name)
         field = geo.field if geo is not None else None
+        indexable = bool(geo and geo.indexable)
         rows.append({
             "name": name, "type": type(module).__name__,
-            "channels": geo.channels if geo else None,
-            "height": geo.height if geo else None, "width": geo.width if geo else None,
+            "shape": list(geo.shape) if geo else None, "indexable": indexable,
+            "channels": geo.channels if geo and indexable else None,
+            "height": geo.height if geo and indexable else None, "width": geo.width if geo and indexable else None,
             "rf_size": [field[0].size, field[1].size] if field else None,
             "rf_stride": [field[0].stride, field[1].stride] if field else None,
             "rf_padding": [field[0].padding, field[1].padding] if field else None,
-            "note": (geo.note if geo else "does not run in the forward pass"),
+            "note": (geo.note if geo else "does not run in the forward pass") if indexable or not geo else
+                    f"not indexable: outputs {output_shape(geo)} per image",
         })
     return rows, defaults

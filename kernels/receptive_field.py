@@ -101,6 +101,13 @@ class LayerGeometry:
     width: int
     field: tuple[AxisField, AxisField] | None  # (y, x); None when it cannot be derived, `note` says why
     note: str = ""
+    shape: tuple[int, ...] = ()  # the output of one image, batch axis dropped: (C, H, W), (C,), (197, 192), ...
+    layout: str = "CHW"  # its axes: "CHW", "C" (one value per channel), "HWC" (channels last), "" (other)
+
+    @property
+    def indexable(self) -> bool:
+        """Whether the output is what an index stores per unit: a (C, H, W) map or a (C,) vector."""
+        return self.layout in ("CHW", "C")
 
     def box(self, y: int, x: int, input_hw: tuple[int, int]) -> tuple[int, int, int, int]:
         """``(y0, x0, y1, x1)`` of input pixels seen by feature position ``(y, x)``, half-open, clipped."""
@@ -541,25 +548,37 @@ def _select_modules(model: nn.Module, names: Sequence[str] | None) -> list[tuple
 _NO_INPUT = "receptive field unknown: output does not depend on the input"
 
 
+def _layout(shape: tuple[int, ...], state: _State | None) -> str:
+    """The axes of a batch output `shape`, as `LayerGeometry.layout` names them."""
+    if len(shape) == 2:
+        return "C"
+    if len(shape) != 4:
+        return ""
+    if isinstance(state, _Local) and state.dims == (1, 2):
+        return "HWC"
+    return "CHW" if not isinstance(state, _Local) or state.dims == (2, 3) else ""
+
+
 def _geometry(name: str, snap: _Snapshot, input_hw: tuple[int, int]) -> LayerGeometry:
     shape = snap.shape
     spatial = (shape[-2], shape[-1]) if len(shape) >= 4 else (1, 1)
     state = snap.state
     repeat = f"module ran {snap.calls} times; geometry of the last call" if snap.calls > 1 else ""
+    described = {"shape": tuple(shape[1:]), "layout": _layout(shape, state)}
     if isinstance(state, _Local):
         height, width = shape[state.dims[0]], shape[state.dims[1]]
         channel_dim = 1 if 1 not in state.dims else len(shape) - 1
-        return LayerGeometry(name, shape[channel_dim], height, width, state.field, repeat)
+        return LayerGeometry(name, shape[channel_dim], height, width, state.field, repeat, **described)
     channels = shape[1] if len(shape) >= 2 else 1
     if isinstance(state, _Whole):
         field = (_whole(input_hw[0], spatial[0]), _whole(input_hw[1], spatial[1]))
         note = f"whole input: op {state.op!r} mixes all positions"
         return LayerGeometry(
-            name, channels, spatial[0], spatial[1], field, "; ".join(filter(None, [note, repeat]))
+            name, channels, spatial[0], spatial[1], field, "; ".join(filter(None, [note, repeat])), **described
         )
     note = state.note if isinstance(state, _Unknown) else _NO_INPUT
     return LayerGeometry(
-        name, channels, spatial[0], spatial[1], None, "; ".join(filter(None, [note, repeat]))
+        name, channels, spatial[0], spatial[1], None, "; ".join(filter(None, [note, repeat])), **described
     )
 
 

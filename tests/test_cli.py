@@ -218,3 +218,42 @@ def test_module_reused_in_one_forward_is_refused(tmp_path: Path) -> None:
                           "layer1.0.relu", "--input-size", "64", "--workers", "0", "--device", "cpu")
     assert_one_line_error(code, output, "layer1.0.relu", "ran 2 times")
     assert not (tmp_path / "i.h5").exists()
+
+
+def test_layers_show_each_output_and_refuse_tokens_before_anything_is_written(data: Path, tmp_path: Path) -> None:
+    """A transformer's (N, D) tokens and a channels-last map are shown as what they are, not as N or H channels,
+    and a build that names them stops before it creates anything."""
+    code, output = invoke("layers", "--model", "tiny_models:tiny_tokens", "--input-size", "48", "--json")
+    assert code == 0, output
+    rows = {row["name"]: row for row in json.loads(output)["layers"]}
+    assert rows["patch"]["shape"] == [8, 12, 12] and rows["patch"]["indexable"] and rows["patch"]["channels"] == 8
+    assert rows["mix"]["shape"] == [144, 8] and not rows["mix"]["indexable"] and rows["mix"]["channels"] is None
+    assert rows["last"]["shape"] == [12, 12, 8] and not rows["last"]["indexable"]
+    assert rows["head"]["shape"] == [5] and rows["head"]["indexable"]
+    code, output = invoke("layers", "--model", "tiny_models:tiny_tokens", "--input-size", "48")
+    assert code == 0, output
+    mix = next(line for line in output.splitlines() if " mix " in line)
+    assert "144x8" in mix and " - " in mix
+    assert "cannot be indexed" in output
+    out = tmp_path / "tokens.h5"
+    options = [*TINY, "--layers", "mix"]
+    options[options.index("--model") + 1] = "tiny_models:tiny_tokens"
+    assert_one_line_error(*invoke("build", data, "--out", out, *options), "'mix' outputs 144x8 per image",
+                          "tokens x features", "(C, H, W) feature map")
+    options[options.index("mix")] = "last"
+    assert_one_line_error(*invoke("build", data, "--out", out, *options), "channels-last")
+    options[options.index("last")] = "patch"
+    assert_one_line_error(*invoke("build", data, "--out", out, *options, "--embed-layer", "mix"), "--embed-layer 'mix'")
+    assert sorted(os.listdir(tmp_path)) == []  # no index, no partial build in the way of the corrected command
+    code, output = invoke("build", data, "--out", out, *options)
+    assert code == 0, output
+
+
+def test_a_vision_transformer_s_blocks_are_shown_as_tokens() -> None:
+    pytest.importorskip("timm")
+    code, output = invoke("layers", "--model", "timm:vit_tiny_patch16_224")
+    assert code == 0, output
+    block = next(line for line in output.splitlines() if " blocks.3 " in line)
+    assert "197x192" in block and " 197 " not in block
+    proj = next(line for line in output.splitlines() if " patch_embed.proj " in line)
+    assert "192x14x14" in proj and " 192 " in proj

@@ -85,3 +85,25 @@ def rank_dependent_net() -> nn.Module:
         model.down = nn.Conv2d(8, 12, 3, stride=2, padding=1)
         model.head = nn.Linear(12, 5)
     return model
+
+
+class TinyTokens(nn.Module):
+    """A patch embedding, then tokens (B, N, D) as a vision transformer has, then a channels-last map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.mix = nn.Linear(8, 8)  # on (B, N, D) tokens
+        self.last = nn.Identity()  # sees the tokens as a channels-last (B, H, W, D) map
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x)  # (B, D, H, W)
+        tokens = self.mix(x.flatten(2).transpose(1, 2))  # (B, H·W, D)
+        grid = self.last(x.permute(0, 2, 3, 1))  # (B, H, W, D)
+        return self.head(tokens.mean(dim=1) + grid.mean(dim=(1, 2)))
+
+
+def tiny_tokens() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyTokens()
