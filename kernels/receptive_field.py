@@ -564,21 +564,21 @@ def _geometry(name: str, snap: _Snapshot, input_hw: tuple[int, int]) -> LayerGeo
     spatial = (shape[-2], shape[-1]) if len(shape) >= 4 else (1, 1)
     state = snap.state
     repeat = f"module ran {snap.calls} times; geometry of the last call" if snap.calls > 1 else ""
-    described = {"shape": tuple(shape[1:]), "layout": _layout(shape, state)}
+    one, layout = tuple(shape[1:]), _layout(shape, state)
     if isinstance(state, _Local):
         height, width = shape[state.dims[0]], shape[state.dims[1]]
         channel_dim = 1 if 1 not in state.dims else len(shape) - 1
-        return LayerGeometry(name, shape[channel_dim], height, width, state.field, repeat, **described)
+        return LayerGeometry(name, shape[channel_dim], height, width, state.field, repeat, one, layout)
     channels = shape[1] if len(shape) >= 2 else 1
     if isinstance(state, _Whole):
         field = (_whole(input_hw[0], spatial[0]), _whole(input_hw[1], spatial[1]))
         note = f"whole input: op {state.op!r} mixes all positions"
         return LayerGeometry(
-            name, channels, spatial[0], spatial[1], field, "; ".join(filter(None, [note, repeat])), **described
+            name, channels, spatial[0], spatial[1], field, "; ".join(filter(None, [note, repeat])), one, layout
         )
     note = state.note if isinstance(state, _Unknown) else _NO_INPUT
     return LayerGeometry(
-        name, channels, spatial[0], spatial[1], None, "; ".join(filter(None, [note, repeat])), **described
+        name, channels, spatial[0], spatial[1], None, "; ".join(filter(None, [note, repeat])), one, layout
     )
 
 
