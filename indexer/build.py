@@ -7,7 +7,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import time
@@ -27,12 +26,16 @@ from actindex.kernels.topk import TopKResult
 
 from .accumulate import IndexAccumulator
 from .checkpoint import (
+    BuildLock,
     Manifest,
     RankState,
     RowFile,
+    check_unlocked,
+    clear_partial,
     differences,
     fingerprint_hash,
     fsync_file,
+    has_checkpoints,
     image_list_hash,
     load_state,
     partial_dir,
@@ -46,6 +49,7 @@ from .images import DEFAULT_MAX_PIXELS, ImageDataset, ImageList, scan_folder
 from .index_file import IndexWriter, LayerHits, atomic_output, check_output
 from .layers import addressable_layers, check_indexable, resolve_layers
 from .models import LoadedModel, load_model
+from .signals import detach_worker, shielded
 from .vector_file import NONE, build_beside, vector_index_path
 from .vectors import check_factory
 
@@ -87,7 +91,7 @@ class BuildConfig:
     mean: tuple[float, float, float] | None = None  # None: the weights' own, else ImageNet's
     std: tuple[float, float, float] | None = None
     batch_size: int = 64
-    workers: int = 4
+    workers: int | None = None  # decoding processes; None: this node's cores shared among its processes, <= 8
     device: str | None = None  # None: cuda when present, else cpu; under torchrun cuda:LOCAL_RANK
     embed_layer: str | None = None  # None: the last indexed layer; "" for none
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -154,7 +158,7 @@ def validate(config: BuildConfig) -> None:
         raise UserError(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.input_size < 16:
         raise UserError(f"--input-size must be at least 16 pixels, got {config.input_size}")
-    if config.workers < 0:
+    if config.workers is not None and config.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {config.workers}")
     if config.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be 0 (never) or more, got {config.checkpoint_every}")
@@ -181,8 +185,19 @@ class _Plan:
     std: tuple[float, float, float]
 
 
+def default_workers() -> int:
+    """Decoding processes per process of the job: the cores this process may use, shared among the job's
+    processes on this node, at most 8 (DataLoader warns beyond the cores, and gains little beyond 8)."""
+    from .distributed import local_world_size
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // local_world_size()))
+
+
 def plan_build(config: BuildConfig, device: torch.device) -> _Plan:
     validate(config)
+    if config.workers is None:
+        config = dataclasses.replace(config, workers=default_workers())
     images = scan_folder(config.data)
     if len(images.paths) >= 2**32:
         raise UserError("more than 2**32 images; split the folder")
@@ -264,10 +279,21 @@ class _Build:
             self._shown = totals
 
     def run(self) -> BuildSummary:
+        self.lock: BuildLock | None = None
+        try:
+            return self._run()
+        except BaseException:
+            self._discard_if_empty()
+            raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> BuildSummary:
         job, plan, config = self.job, self.plan, self.config
         started = time.perf_counter()
         resumed = job.agree("prepare", self._prepare if job.is_main else lambda: None)
-        job.agree("visible", self._check_visible)
+        job.agree("join", self._join)
         start, end = self.shards[job.rank]
         state = (load_state(self.folder, job.rank, self.key) if config.resume else None) or \
             RankState(job.rank, start, end, {})
@@ -279,53 +305,70 @@ class _Build:
         bar = self.progress(len(plan.images.paths), resumed or 0)
         try:
             tick = time.perf_counter()
+            job.streaming = True
             self._stream(state, accumulator, rows, bar)
             self.timings["stream"] = time.perf_counter() - tick - self.timings["checkpoint"]
             job.wait("streamed", poll=lambda: self._show(bar, job.flush_report()))
             self._show(bar, job.flush_report())  # every rank published its count before reaching the phase
         except PeerFailed as stopped:
-            raise PeerFailed(f"{stopped}; the work done is checkpointed in '{self.folder}': rerun the same "
-                             "command with --resume to continue", quiet=stopped.quiet) from None
+            raise stopped.noted(f"; the work done is checkpointed in '{self.folder}': rerun the same command "
+                                "with --resume to continue") from None
         except Exception as error:
             job.fail(error)
             raise
         finally:
+            job.streaming = False
             bar.close()
             if rows is not None:
                 rows.close()
-        tick = time.perf_counter()
-        self._merge(accumulator)
-        self.timings["merge"] = time.perf_counter() - tick
-        seconds = time.perf_counter() - started
-        skipped = job.agree("write", lambda: self._write(accumulator, seconds) if job.is_main else 0)
+        try:
+            tick = time.perf_counter()
+            self._merge(accumulator)
+            self.timings["merge"] = time.perf_counter() - tick
+            seconds = time.perf_counter() - started
+            skipped = job.agree("write", lambda: self._write(accumulator, seconds) if job.is_main else 0)
+        except PeerFailed as stopped:
+            raise stopped.noted(f"; every image is checkpointed in '{self.folder}': rerun the same command with "
+                                "--resume to write the index") from None
         if job.is_main:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            clear_partial(self.folder, keep_locks=False)
         n = len(plan.images.paths)
         return BuildSummary(config.out, n, n - skipped, skipped, seconds, tuple(plan.geometry), plan.embed_layer,
                             plan.device.type, job.rank, job.world_size, resumed, dict(self.timings))
 
     def _prepare(self) -> int | None:
-        """Rank 0: check a partial build for resuming, or start a new one. Returns the images checkpointed."""
+        """Rank 0: lock the partial build, check it for resuming, or start a new one. Returns the images
+        checkpointed (0 when --resume finds nothing to resume, None without --resume)."""
         folder, config = self.folder, self.config
-        if folder.exists():
-            manifest = Manifest.load(folder)
+        self.lock = BuildLock.acquire(folder, 0)
+        manifest = Manifest.load(folder) if (folder / "manifest.json").exists() else None
+        # A rank of an earlier job may still be running while its rank 0 is gone (a dead node).
+        check_unlocked(folder, range(1, max(self.job.world_size, len(manifest.shards) if manifest else 0)))
+        if manifest is not None and has_checkpoints(folder):
             done = read_progress(folder, manifest.shards)
-            if not config.resume:
-                raise UserError(f"an unfinished build of '{config.out}' is in '{folder}' ({done} images "
-                                "checkpointed); add --resume to continue it, or delete that folder to start over")
             changed = differences(manifest.fingerprint, self.fingerprint)
-            if changed:
+            if config.resume and not changed:
+                return done
+            if config.resume:
                 raise UserError(f"cannot resume from '{folder}': it was made with a different configuration "
-                                f"({'; '.join(changed)}); rerun with the original settings, or delete the "
-                                "folder to start over")
-            return done
-        folder.mkdir(parents=True)
+                                f"({'; '.join(changed)}); rerun with the original settings to continue it, or "
+                                "without --resume and with --overwrite to discard it and start over")
+            if not config.overwrite:
+                raise UserError(f"an unfinished build of '{config.out}' is in '{folder}' ({done} images "
+                                "checkpointed); add --resume to continue it, or --overwrite to discard it and "
+                                "start over")
+        clear_partial(folder)  # nothing checkpointed, or --overwrite: nothing of value is lost
         Manifest(self.fingerprint, self.shards).save(folder)
         return 0 if config.resume else None
 
-    def _check_visible(self) -> None:
-        """Every rank reads rank 0's manifest: several nodes need the output on a shared filesystem, and the
-        same image list and weights everywhere."""
+    def _join(self) -> None:
+        """Every rank: lock its own slot (rank 0 did in `_prepare`), and read rank 0's manifest: several nodes
+        need the output on a shared filesystem, and the same image list and weights everywhere."""
+        if not self.job.is_main:
+            if not self.folder.is_dir():
+                raise UserError(f"rank {self.job.rank} on {socket.gethostname()} cannot see '{self.folder}' that "
+                                "rank 0 wrote: with several nodes, --out must be on a filesystem all nodes share")
+            self.lock = BuildLock.acquire(self.folder, self.job.rank)
         if not (self.folder / "manifest.json").exists():
             raise UserError(f"rank {self.job.rank} on {socket.gethostname()} cannot see '{self.folder}' that "
                             "rank 0 wrote: with several nodes, --out must be on a filesystem all nodes share")
@@ -333,6 +376,16 @@ class _Build:
         if changed:
             raise UserError(f"rank {self.job.rank} on {socket.gethostname()} does not see what rank 0 sees "
                             f"({'; '.join(changed)}); every node needs the same data folder, weights and options")
+
+    def _discard_if_empty(self) -> None:
+        """After a failure: a partial build this process locked, with nothing checkpointed, is removed, so that
+        it does not stand in the way of the next command. Only one process can know that no rank is about to
+        checkpoint; with several, the next build replaces such a folder instead."""
+        if self.lock is None or not self.job.is_main or self.job.distributed or has_checkpoints(self.folder):
+            return
+        self.lock.release()
+        self.lock = None
+        clear_partial(self.folder, keep_locks=False)
 
     def _checkpoint(self, state: RankState, accumulator: IndexAccumulator, rows: RowFile | None) -> None:
         tick = time.perf_counter()
@@ -350,13 +403,17 @@ class _Build:
         paths = plan.images.paths[state.next_id:state.end]
         dataset = ImageDataset(plan.images.root, paths, range(state.next_id, state.end), config.input_size,
                                config.max_pixels)
+        workers = (config.workers or 0) if paths else 0
         loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
-                                             num_workers=config.workers if paths else 0,
-                                             collate_fn=dataset.collate_fn, pin_memory=plan.device.type == "cuda",
-                                             prefetch_factor=4 if config.workers > 0 and paths else None)
+                                             num_workers=workers, collate_fn=dataset.collate_fn,
+                                             pin_memory=plan.device.type == "cuda",
+                                             prefetch_factor=4 if workers > 0 else None,
+                                             worker_init_fn=detach_worker if workers > 0 else None)
+        with shielded():  # Ctrl-C and torchrun's signals are for this process, which stops its workers
+            batches = iter(loader)
         sink = RowSink(rows)
         since_checkpoint = 0
-        for batch in loader:  # batches come in id order: this one covers ids [state.next_id, + count)
+        for batch in batches:  # batches come in id order: this one covers ids [state.next_id, + count)
             count = batch.ids.numel() + len(batch.skipped)
             sink.push(state.next_id, count, batch.ids, accumulator.add_batch(batch.pixels, batch.ids))
             state.skipped += batch.skipped

@@ -4,6 +4,7 @@
       manifest.json            what is being built (its fingerprint), the world size, every rank's shard
       rank-00003.safetensors   rank 3's top-k state tensors; next image id and skipped files as metadata
       rank-00003.rows          rank 3's embedding rows: float32, row i is image id shard_start + i
+      rank-00003.lock          locked by rank 3's process while it runs; names its pid and host
 
 A checkpoint commits the rows first (fsync), then the state file (temporary name, fsync, rename, fsync of
 the folder), so a state file never counts rows that are not on disk; rows written after it are written
@@ -12,9 +13,14 @@ again on resume. Everything is plain tensors, JSON and raw float32: nothing is u
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,3 +227,112 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- who is using a partial build ------------------------------------------------------------------------------
+
+
+def lock_path(folder: Path, rank: int) -> Path:
+    return folder / f"rank-{rank:05d}.lock"
+
+
+class BuildLock:
+    """One rank's exclusive claim on a partial build folder, held as long as its process lives.
+
+    A POSIX record lock (`fcntl.lockf`) on `rank-NNNNN.lock`: the kernel drops it when the process ends,
+    however it ends (SIGKILL included), processes forked from it (DataLoader workers) do not hold it, and on
+    NFS it is the protocol's own lock (NLM, or NFSv4's), seen by every client. The file names its holder for
+    the message another build gets.
+    """
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, folder: Path, rank: int) -> BuildLock:
+        """Lock rank `rank`'s slot of `folder` (creating the folder), or raise a UserError naming the holder."""
+        path = lock_path(folder, rank)
+        for _ in range(10):  # the folder may vanish under us: a build that just finished removes it
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                continue
+            if not _try_lock(fd):
+                os.close(fd)
+                raise UserError(in_use(folder, path))
+            if not _same_file(fd, path):  # locked a file that was removed meanwhile: take the new one
+                os.close(fd)
+                continue
+            holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            return cls(fd, path)
+        raise UserError(f"cannot lock '{path}': the folder keeps disappearing; is another build finishing?")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file drops its POSIX lock
+            self.fd = None
+
+
+def check_unlocked(folder: Path, ranks: range) -> None:
+    """Raise a UserError if a process holds any of these ranks' locks of `folder` (a build still running)."""
+    for rank in ranks:
+        path = lock_path(folder, rank)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            if not _try_lock(fd):
+                raise UserError(in_use(folder, path))
+        finally:
+            os.close(fd)  # and with it the lock just taken to test
+
+
+def in_use(folder: Path, path: Path) -> str:
+    try:
+        holder = json.loads(path.read_bytes())
+        who = f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        who = "its process is starting"
+    return (f"another build ({who}) is using '{folder}'; wait for it to finish or stop it, then run this "
+            "command again")
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def has_checkpoints(folder: Path) -> bool:
+    """Whether any rank has checkpointed work in `folder` (rows without a state file count for nothing)."""
+    return any(folder.glob("rank-*.safetensors"))
+
+
+def clear_partial(folder: Path, keep_locks: bool = True) -> None:
+    """Remove a partial build's own files (never anything else that may be in the folder); the folder itself
+    too when that leaves it empty and `keep_locks` is False."""
+    patterns = ["manifest.json", ".manifest.json.tmp", "rank-*.safetensors", ".rank-*.safetensors.tmp",
+                "rank-*.rows"] + ([] if keep_locks else ["rank-*.lock"])
+    for pattern in patterns:
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
+    if not keep_locks:
+        with contextlib.suppress(OSError):  # something else is in it, or it is gone already
+            folder.rmdir()

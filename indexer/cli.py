@@ -26,14 +26,20 @@ class ActindexGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
-            click.echo("Interrupted; nothing was written at the output path (a build continues from its last "
-                       "checkpoint with --resume).", err=True)
+            if debug:
+                traceback.print_exc()
+            click.echo("Interrupted (Ctrl-C); every output is written whole or not at all, so none was left "
+                       "half-written", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # `actindex layers … | head`: the reader left, nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except Exception as error:  # noqa: BLE001 - the one place where every failure becomes a message
             from .errors import UserError
 
+            code = error.exit_code if isinstance(error, UserError) else 1
             if getattr(error, "quiet", False) and not debug:
-                sys.exit(1)  # another process of the job prints this error
+                sys.exit(code)  # another process of the job prints this error
             # Under torchrun every process writes to the same console: say which one speaks.
             who = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             if debug:
@@ -44,7 +50,7 @@ class ActindexGroup(click.Group):
                 first = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 click.echo(f"Error: {who}{type(error).__name__}: {first} (rerun with --debug for the traceback)",
                            err=True)
-            sys.exit(1)
+            sys.exit(code)
 
 
 def debug_option(function: Any) -> Any:
@@ -109,11 +115,8 @@ def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[
     contiguous share of the images and rank 0 writes the file.
     """
     from .build import BuildConfig, Fault, build_index
-    from .distributed import local_world_size
     from .images import DEFAULT_MAX_PIXELS
 
-    if workers is None:
-        workers = max(1, min(8, (os.cpu_count() or 1) // local_world_size()))
     config = BuildConfig(data=data, model=model, out=out, weights=weights, layers=layers, k=k,
                          input_size=input_size, mean=mean, std=std, batch_size=batch_size, workers=workers,
                          device=device, embed_layer=embed_layer, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,

@@ -29,7 +29,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import Interrupted, UserError
+from .signals import describe
 
 T = TypeVar("T")
 
@@ -45,6 +46,19 @@ class PeerFailed(UserError):
         super().__init__(message)
         self.quiet = quiet
 
+    def noted(self, note: str) -> PeerFailed:
+        """The same error, its message extended by `note`."""
+        self.args = (f"{self}{note}",)
+        return self
+
+
+class Stopped(PeerFailed, Interrupted):
+    """This process was asked to stop (Ctrl-C, SIGTERM)."""
+
+    def __init__(self, message: str, signum: int, quiet: bool = False) -> None:
+        PeerFailed.__init__(self, message, quiet)
+        self.exit_code = 128 + signum
+
 
 @dataclass
 class Job:
@@ -56,10 +70,15 @@ class Job:
     local_world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     store: dist.Store | None = None
-    stop_requested: bool = False  # set by SIGTERM; acted on at the next batch boundary
+    stop_signal: int | None = None  # SIGINT or SIGTERM received while streaming; acted on at the next batch
+    streaming: bool = False  # while True a stopping signal waits for the batch boundary, else it stops at once
     _reported: tuple[int, int] = (0, 0)
     _unreported: list[int] = field(default_factory=lambda: [0, 0])
     _last_report: float = 0.0
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_signal is not None
 
     @property
     def is_main(self) -> bool:
@@ -92,9 +111,8 @@ class Job:
             record = json.loads(self.store.get(_FAILED))
             raise PeerFailed(f"rank {record['rank']} ({record['host']}) failed: {record['message']}",
                              quiet=not self.is_main)
-        if self.stop_requested:
-            raise PeerFailed("stopped by SIGTERM (the job was cancelled, or another of its processes died)",
-                             quiet=not self.is_main)
+        if self.stop_signal is not None:
+            raise Stopped(_stopped_by(self.stop_signal), self.stop_signal, quiet=not self.is_main)
 
     # -- phases --------------------------------------------------------------------------------------------
 
@@ -214,8 +232,9 @@ def local_world_size() -> int:
 def start_job(requested_device: str | None, timeout: timedelta = timedelta(minutes=30)) -> Iterator[Job]:
     """Join the job torchrun started (or be the only process), and leave it cleanly.
 
-    SIGTERM (torchrun tearing the job down after another rank died, or a scheduler cancelling it) sets
-    `stop_requested`; the build checkpoints at the next batch boundary and stops with a message.
+    A stopping signal while images stream (Ctrl-C; SIGTERM from torchrun tearing the job down after another
+    rank died, or from a scheduler cancelling it) sets `stop_signal`: the build checkpoints at the next batch
+    boundary and stops with a message. A second one, or one at any other time, stops at once.
     """
     env = os.environ
     rank, world = (int(env["RANK"]), int(env["WORLD_SIZE"])) if launched_by_torchrun() else (0, 1)
@@ -237,7 +256,7 @@ def start_job(requested_device: str | None, timeout: timedelta = timedelta(minut
             owns_group = True
         # torchrun's store outlives restarts of the workers: keep each attempt's keys apart.
         job.store = dist.PrefixStore(f"actindex/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    with _stop_on_sigterm(job):
+    with _stop_on_signals(job):
         try:
             yield job
         finally:
@@ -246,7 +265,7 @@ def start_job(requested_device: str | None, timeout: timedelta = timedelta(minut
 
 
 @contextmanager
-def _stop_on_sigterm(job: Job) -> Iterator[None]:
+def _stop_on_signals(job: Job) -> Iterator[None]:
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -254,15 +273,24 @@ def _stop_on_sigterm(job: Job) -> Iterator[None]:
         return
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        if job.stop_requested:  # a second SIGTERM: stop now, at the cost of the batch in flight
-            raise PeerFailed("stopped by a second SIGTERM", quiet=not job.is_main)
-        job.stop_requested = True
+        if job.stop_signal is not None or not job.streaming:
+            raise Stopped(_stopped_by(signum, again=job.stop_signal is not None), signum, quiet=not job.is_main)
+        job.stop_signal = signum
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stopped_by(signum: int, again: bool = False) -> str:
+    if again:
+        return f"stopped at once by a second {describe(signum)}"
+    if signum == signal.SIGTERM:
+        return "stopped by SIGTERM (the job was cancelled, or another of its processes died)"
+    return f"stopped by {describe(signum)}"
 
 
 def _message(error: BaseException) -> str:

@@ -9,6 +9,16 @@ from collections.abc import Iterable
 class UserError(Exception):
     """Bad input: the message says what is wrong and what to do."""
 
+    exit_code = 1
+
+
+class Interrupted(UserError):
+    """The run was stopped (Ctrl-C, SIGTERM); the message says what was kept and how to continue."""
+
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
+
 
 def not_found(kind: str, name: str, valid: Iterable[str], hint: str = "", limit: int = 100) -> UserError:
     """'unknown layer 'x'; did you mean …? valid layers: a, b, c' — long lists are cut after `limit`."""

@@ -101,11 +101,13 @@ def test_shards_cover_every_id_once_at_batch_boundaries(n: int, world: int) -> N
 def test_a_crash_then_resume_gives_the_uninterrupted_index(data: Path, weights: Path, reference: Path,
                                                            tmp_path: Path, crash_after: int) -> None:
     out = tmp_path / "index.h5"
+    checkpointed = (crash_after - 1) // 8 * 8  # the last checkpoint before the crash's batch
     with pytest.raises(InjectedFault):
         build_index(config(data, weights, out), fault=Fault(rank=0, after=crash_after))
-    assert not out.exists() and partial_dir(out).is_dir()
+    assert not out.exists()
+    assert partial_dir(out).is_dir() == (checkpointed > 0)  # a partial build with nothing in it is removed
     summary = build_index(config(data, weights, out, resume=True))
-    assert summary.resumed == (crash_after - 1) // 8 * 8  # the last checkpoint before the crash's batch
+    assert summary.resumed == checkpointed
     assert_same_index(out, reference)
     assert not partial_dir(out).exists()
 
@@ -128,19 +130,49 @@ def test_resume_without_a_checkpoint_builds_from_the_start(data: Path, weights: 
     assert_same_index(out, reference)
 
 
-def test_a_checkpoint_of_another_configuration_is_refused(data: Path, weights: Path, tmp_path: Path) -> None:
+def checkpoint_files(out: Path) -> list[tuple[str, int]]:
+    """The partial build's files and their modification times (lock files record who holds them: not data)."""
+    return sorted((p.name, p.stat().st_mtime_ns) for p in partial_dir(out).iterdir() if p.suffix != ".lock")
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(data: Path, weights: Path, tmp_path: Path,
+                                                          reference: Path) -> None:
     out = tmp_path / "index.h5"
     with pytest.raises(InjectedFault):
         build_index(config(data, weights, out), fault=Fault(0, 20))
-    before = sorted((p.name, p.stat().st_mtime_ns) for p in partial_dir(out).iterdir())
-    with pytest.raises(UserError, match=r"input size: 48 in the checkpoint, 64 now; k: 5 in the checkpoint, 3"):
+    before = checkpoint_files(out)
+    with pytest.raises(UserError, match=r"input size: 48 in the checkpoint, 64 now; k: 5 in the checkpoint, 3"
+                                        r".*rerun with the original settings to continue it, or without --resume "
+                                        "and with --overwrite to discard it"):
         build_index(config(data, weights, out, resume=True, k=3, input_size=64))
     with pytest.raises(UserError, match="layers: .* in the checkpoint"):
-        build_index(config(data, weights, out, resume=True, layers=("stem", "down")))
-    with pytest.raises(UserError, match=r"unfinished build .* \(16 images checkpointed\); add --resume"):
+        build_index(config(data, weights, out, resume=True, layers=("stem", "down"), overwrite=True))
+    with pytest.raises(UserError, match=r"unfinished build .* \(16 images checkpointed\); add --resume to continue "
+                                        "it, or --overwrite to discard it and start over"):
         build_index(config(data, weights, out))
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in partial_dir(out).iterdir()) == before
+    assert checkpoint_files(out) == before
     assert not out.exists()
+    # The way out the messages offer: --overwrite discards the partial build and starts over.
+    summary = build_index(config(data, weights, out, overwrite=True, checkpoint_every=12))
+    assert summary.resumed is None
+    assert_same_index(out, reference)
+    assert not partial_dir(out).exists()
+
+
+def test_a_partial_build_with_nothing_checkpointed_is_replaced(data: Path, weights: Path, tmp_path: Path,
+                                                               reference: Path) -> None:
+    """As several processes leave it when they fail before their first checkpoint: no --resume or --overwrite
+    is needed to start again, whatever configuration it was made with."""
+    out = tmp_path / "index.h5"
+    with pytest.raises(InjectedFault):
+        build_index(config(data, weights, out, k=3), fault=Fault(0, 20))
+    folder = partial_dir(out)
+    for state in folder.glob("rank-*.safetensors"):
+        state.unlink()  # as if the failure had come before the first checkpoint, on a job of several processes
+    (folder / "unrelated.txt").write_text("not ours")
+    build_index(config(data, weights, out))
+    assert_same_index(out, reference)
+    assert (folder / "unrelated.txt").read_text() == "not ours"  # only the build's own files are removed
 
 
 def test_a_changed_image_folder_is_refused(data: Path, weights: Path, tmp_path: Path) -> None:
@@ -296,3 +328,152 @@ def test_a_rank_that_sees_another_network_stops_the_job_before_any_work(data: Pa
     assert "rank 1 failed: rank 1 on" in result.stderr
     assert "embedding size: 16 on rank 0, 12 here" in result.stderr
     assert result.stderr.count("does not see what rank 0 sees") == 1  # printed by rank 0 only
+
+
+# -- interrupts and concurrent builds --------------------------------------------------------------------------
+
+
+def slow_args(data: Path, weights: Path, out: Path, *extra: str, workers: int = 0) -> list[str]:
+    """The reference build's options with the same network at SLOW_NET_SECONDS per batch."""
+    args = cli_args(data, weights, out, *extra)
+    args[args.index("tiny_models:tiny_net")] = "tiny_models:slow_tiny_net"
+    args[args.index("--workers") + 1] = str(workers)
+    return args
+
+
+def slow_environment(seconds: float = 0.25) -> dict[str, str]:
+    return {**environment(), "SLOW_NET_SECONDS": str(seconds)}
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the build ended before {path.name} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+def checkpointed(out: Path, rank: int = 0) -> int:
+    """Images rank `rank` has checkpointed: next_id - start, from its state file's header."""
+    from safetensors import safe_open
+
+    with safe_open(str(state_path(partial_dir(out), rank)), framework="pt") as f:
+        metadata = f.metadata()
+    shards = json.loads((partial_dir(out) / "manifest.json").read_text())["shards"]
+    return int(metadata["next_id"]) - shards[rank][0]
+
+
+def test_ctrl_c_checkpoints_then_resume_gives_the_uninterrupted_index(data: Path, weights: Path, reference: Path,
+                                                                      tmp_path: Path) -> None:
+    """Ctrl-C at a terminal signals the whole foreground process group, DataLoader workers included: the build
+    checkpoints what it has done and says so; --resume finishes it."""
+    out = tmp_path / "index.h5"
+    args = slow_args(data, weights, out, "--checkpoint-every", "1000", workers=2)
+    process = subprocess.Popen([sys.executable, "-m", "actindex.indexer", *args], env=slow_environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(partial_dir(out) / "rank-00000.rows", process)
+    time.sleep(1.5)  # a few batches in, far from the next checkpoint (1000 images)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "stopped by Ctrl-C (SIGINT); the work done is checkpointed in" in stderr, stderr
+    assert "Traceback" not in stderr and "exited unexpectedly" not in stderr, stderr
+    done = checkpointed(out)
+    assert 0 < done < 45
+    resumed = subprocess.run([sys.executable, "-m", "actindex.indexer", *args, "--resume"], env=environment(),
+                             capture_output=True, text=True, timeout=240, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resumed from a checkpoint of {done} images" in resumed.stdout
+    assert_same_index(out, reference, ignore=frozenset({"model", "config"}))
+
+
+def test_a_second_ctrl_c_stops_at_once(data: Path, weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "index.h5"
+    process = subprocess.Popen([sys.executable, "-m", "actindex.indexer", *slow_args(data, weights, out)],
+                               env=slow_environment(2.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    wait_for(partial_dir(out) / "rank-00000.rows", process)
+    time.sleep(0.5)  # inside a 2 s batch: the first Ctrl-C waits for its end, the second does not
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(0.3)
+    started = time.monotonic()
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - started < 1.5
+    assert process.returncode == 130, stderr
+    assert "stopped at once by a second Ctrl-C (SIGINT)" in stderr and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.distributed
+def test_ctrl_c_under_torchrun_checkpoints_every_rank(data: Path, weights: Path, reference: Path,
+                                                      tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches torchrun, which passes SIGINT on to each rank's process group."""
+    out = tmp_path / "index.h5"
+    args = slow_args(data, weights, out, "--checkpoint-every", "1000", workers=1)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "actindex.indexer", *args]
+    process = subprocess.Popen(command, env=slow_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    wait_for(partial_dir(out) / "rank-00001.rows", process)
+    time.sleep(1.5)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and not out.exists()
+    assert "stopped by Ctrl-C (SIGINT); the work done is checkpointed in" in stderr, stderr
+    assert checkpointed(out, 0) > 0 and checkpointed(out, 1) > 0, stderr
+    resumed = torchrun(2, [*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resumed from a checkpoint of" in resumed.stdout
+    assert_same_index(out, reference, ignore=frozenset({"model", "config"}))
+
+
+def test_a_running_build_locks_its_partial_build_until_it_dies(data: Path, weights: Path, reference: Path,
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / "index.h5"
+    args = slow_args(data, weights, out)
+    process = subprocess.Popen([sys.executable, "-m", "actindex.indexer", *args], env=slow_environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(state_path(partial_dir(out), 0), process)  # it has checkpointed: there is work to protect
+        holder = rf"another build \(pid {process.pid} on {re.escape(os.uname().nodename)}, since .*\) is using"
+        same = {"model": "tiny_models:slow_tiny_net"}
+        for resume in (True, False):
+            with pytest.raises(UserError, match=holder) as caught:
+                build_index(config(data, weights, out, resume=resume, **same))
+            assert "\n" not in str(caught.value)
+        with pytest.raises(UserError, match=holder):
+            build_index(config(data, weights, out, overwrite=True, **same))
+    finally:
+        process.kill()  # SIGKILL: no chance to release anything itself
+        process.wait()
+    assert not out.exists()
+    summary = build_index(config(data, weights, out, resume=True, **same))
+    assert summary.resumed is not None and summary.resumed > 0
+    assert_same_index(out, reference, ignore=frozenset({"model", "config"}))
+
+
+def test_the_python_default_for_workers_is_the_cli_s(data: Path, weights: Path, tmp_path: Path) -> None:
+    """Both use the cores shared among the job's processes: no DataLoader warning about too many workers."""
+    import warnings
+
+    from actindex.indexer.build import default_workers
+
+    base = config(data, weights, tmp_path / "python.h5")
+    python = BuildConfig(data=base.data, model=base.model, out=base.out, weights=base.weights, layers=base.layers,
+                         k=base.k, input_size=base.input_size, device="cpu")
+    assert python.workers is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "This DataLoader will create 4 worker processes in total ..."
+        build_index(python)
+    from click.testing import CliRunner
+
+    from actindex.query.cli import main
+
+    args = cli_args(data, weights, tmp_path / "cli.h5")
+    at = args.index("--workers")
+    del args[at:at + 2]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    for name in ("python.h5", "cli.h5"):
+        with h5py.File(tmp_path / name) as f:
+            assert json.loads(f.attrs["config"])["workers"] == default_workers()

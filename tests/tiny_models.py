@@ -67,10 +67,11 @@ def with_unused() -> nn.Module:
 
 
 class SlowNet(TinyNet):
-    """TinyNet that takes a while per batch, so that a test can kill a build part-way."""
+    """TinyNet that takes a while per batch (50 ms, or $SLOW_NET_SECONDS), so that a test can stop a build
+    part-way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.05)
+        time.sleep(float(os.environ.get("SLOW_NET_SECONDS", "0.05")))
         return super().forward(x)
 
 
