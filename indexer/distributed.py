@@ -29,7 +29,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, one_line
 from .signals import describe
 
 T = TypeVar("T")
@@ -100,7 +100,7 @@ class Job:
         """Record this rank's failure where every rank looks; the first failure recorded wins."""
         if self.store is None or isinstance(error, PeerFailed):
             return
-        record = json.dumps({"rank": self.rank, "host": socket.gethostname(), "message": _message(error)})
+        record = json.dumps({"rank": self.rank, "host": socket.gethostname(), "message": one_line(error)})
         # The store may already be gone with the job; the error itself still ends this rank.
         with contextlib.suppress(Exception):
             self.store.compare_set(_FAILED, "", record)
@@ -140,7 +140,7 @@ class Job:
             if error is not None:
                 raise error
             return result  # type: ignore[return-value]
-        self.store.set(f"agree/{phase}/{self.rank}", "" if error is None else _message(error))
+        self.store.set(f"agree/{phase}/{self.rank}", "" if error is None else one_line(error))
         keys = [f"agree/{phase}/{rank}" for rank in range(self.world_size)]
         while not self.store.check(keys):
             self.check()
@@ -291,10 +291,3 @@ def _stopped_by(signum: int, again: bool = False) -> str:
     if signum == signal.SIGTERM:
         return "stopped by SIGTERM (the job was cancelled, or another of its processes died)"
     return f"stopped by {describe(signum)}"
-
-
-def _message(error: BaseException) -> str:
-    if isinstance(error, UserError):
-        return str(error)
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {first}"

@@ -31,3 +31,11 @@ def not_found(kind: str, name: str, valid: Iterable[str], hint: str = "", limit:
         shown = ", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
         message += f" valid {kind}s: {shown}"
     return UserError(message + (f". {hint}" if hint else ""))
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: a UserError's message as it is, anything else as 'Type: first line'."""
+    if isinstance(error, UserError):
+        return str(error)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}"

@@ -43,3 +43,32 @@ def detach() -> None:
 def detach_worker(worker_id: int) -> None:
     """`detach` as a DataLoader `worker_init_fn`."""
     detach()
+
+
+class Stop(KeyboardInterrupt):
+    """A stopping signal (Ctrl-C or SIGTERM), raised where the main thread was when it came."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(describe(signum))
+        self.signum = signum
+
+
+@contextmanager
+def stops_raise() -> Iterator[None]:
+    """In the block, SIGINT and SIGTERM raise `Stop`: `finally` clauses and cleanups run for both, as they do
+    for Ctrl-C alone by default. Outside the main thread, signals cannot be caught: the block runs as it is."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stop(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOPPING}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

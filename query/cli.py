@@ -247,20 +247,24 @@ def similar(index: Path, image: Path | None, image_id: int | None, k: int, layer
 @click.option("--weights", help="Where the index's weights file is now, if it moved (same contents).")
 @click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
 @click.option("--crash-after", type=int, hidden=True, help="Testing: stop after this many tasks.")
+@click.option("--kill-worker", hidden=True, help="Testing: TASK[:ATTEMPTS], the worker running that task dies.")
 def atlas(index: Path, out: Path, layers: str | None, units: str | None, dream: bool, jobs: int,
           batch_size: int | None,
           image_format: str, overwrite: bool, data_root: Path | None, weights: str | None, device: str | None,
-          crash_after: int | None) -> None:
+          crash_after: int | None, kill_worker: str | None) -> None:
     """A static website of the index: every layer, unit and hit image, with guided backprop and similar images.
 
     Run it again with more --layers or --units to extend a site; an interrupted build continues where it
     stopped. Open OUT/index.html in a browser, or copy OUT to any web server.
     """
     from .atlas import AtlasConfig, build_atlas
+    from .atlas.pool import KillTask
 
+    kill = KillTask(*(int(n) for n in kill_worker.split(":"))) if kill_worker else None
     config = AtlasConfig(index=index, out=out, layers=tuple(_names(layers)) if layers else None, units=units,
                          dream=dream, jobs=jobs, batch_size=batch_size, device=_device(device), data=data_root,
-                         weights=weights, image_format=image_format, overwrite=overwrite, crash_after=crash_after)
+                         weights=weights, image_format=image_format, overwrite=overwrite, crash_after=crash_after,
+                         kill_worker=kill)
     summary = build_atlas(config, progress=True)
     click.echo(f"Atlas of {summary.layers} layers: {summary.unit_pages} unit pages ({summary.units_computed} made "
                f"now), {summary.image_pages} image pages; {summary.files} files, "

@@ -3,8 +3,13 @@ an uninterrupted build; links are checked on disk here and in a real browser in 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -18,6 +23,7 @@ from actindex.indexer.images import crop_geometry, preprocess
 from actindex.indexer.index_file import IndexReader
 from actindex.query.atlas import AtlasConfig, InjectedCrash, build_atlas
 from actindex.query.atlas.plan import parse_units
+from actindex.query.atlas.pool import KillTask
 from actindex.query.cli import main
 from actindex.query.neuron import query_neuron
 from actindex.query.render import map_image
@@ -325,3 +331,123 @@ def test_only_hit_images_and_their_neighbours_are_decoded(built: tuple[Path, Pat
         shown.update(paths[int(i)] for i in re.findall(r'img/i/(\d+)\.png', page.read_text()))
     assert set(decoded) == shown and len(shown) < len(paths) - 1  # fewer than the readable images
     assert len(decoded) == len(set(decoded))  # each decoded once: kept while the build runs
+
+
+# -- workers that die, and runs that are stopped ---------------------------------------------------------------
+
+
+def assert_same_site(out: Path, site: Path) -> None:
+    """Every file of `site` in `out`, the same; guided crops to one level (thread counts change float sums)."""
+    ours, reference = files(out), files(site)
+    assert ours.keys() == reference.keys()
+    for name, data in ours.items():
+        if name.endswith(".png") and "/g" in name:
+            a = np.asarray(Image.open(out / name)).astype(int)
+            b = np.asarray(Image.open(site / name)).astype(int)
+            assert a.shape == b.shape and np.abs(a - b).max() <= 1, name
+        else:
+            assert data == reference[name], name
+
+
+def test_a_worker_killed_mid_task_is_replaced_and_its_task_done_again(built: tuple[Path, Path, Path], site: Path,
+                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    summary = build_atlas(config(built[0], out, jobs=2, kill_worker=KillTask(task=1)))
+    assert summary.units_computed == summary.unit_pages
+    assert_same_site(out, site)
+
+
+def test_a_task_that_kills_its_worker_twice_stops_the_run_in_one_line(built: tuple[Path, Path, Path], site: Path,
+                                                                       tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    with pytest.raises(UserError, match=r"died \(killed by SIGKILL\) on task 0 a second time; the pictures made so "
+                                        "far are kept: run the same command again to continue") as caught:
+        build_atlas(config(built[0], out, jobs=2, kill_worker=KillTask(task=0, attempts=2)))
+    assert "\n" not in str(caught.value)
+    summary = build_atlas(config(built[0], out, jobs=2))
+    assert 0 < summary.units_computed <= summary.unit_pages
+    assert_same_site(out, site)
+
+
+SCRIPT = """\
+from pathlib import Path
+from actindex.query.atlas import AtlasConfig, build_atlas
+
+{indent}site = build_atlas(AtlasConfig(Path({index!r}), Path({out!r}), layers=("head",), units="0-3", jobs=2,
+{indent}                               image_format="png"))
+{indent}print("front page", site.front_page)
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_script_that_starts_workers_ends_with_or_without_the_main_guard(built: tuple[Path, Path, Path],
+                                                                          tmp_path: Path, guarded: bool) -> None:
+    """Without `if __name__ == "__main__":` every spawned worker runs the script again and dies at its start:
+    the run stops with a message that says why, instead of waiting forever."""
+    body = SCRIPT.format(index=str(built[0]), out=str(tmp_path / "site"), indent="    " if guarded else "")
+    if guarded:
+        body = body.replace("\n    site =", '\nif __name__ == "__main__":\n    site =')
+    script = tmp_path / "make_atlas.py"
+    script.write_text(body)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, check=False,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    if guarded:
+        assert result.returncode == 0, result.stderr
+        assert "front page" in result.stdout
+    else:
+        assert result.returncode != 0
+        assert "died while starting" in result.stderr and "if __name__ == \"__main__\":" in result.stderr
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_from_outside_never_leaves_the_atlas_waiting(built: tuple[Path, Path, Path],
+                                                                        tmp_path: Path) -> None:
+    slow = copy_index(built[0], tmp_path / "slow")
+    shutil.copy(built[2], tmp_path / "slow" / "tiny.pt")
+    import h5py
+
+    with h5py.File(slow, "a") as h5:
+        h5.attrs["model"] = "tiny_models:slow_tiny_net"  # the same network, 0.2 s per forward pass
+    out = tmp_path / "site"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "SLOW_NET_SECONDS": "0.2"}
+    process = subprocess.Popen([sys.executable, "-c", "from actindex.query.cli import main; main()", "atlas",
+                                str(slow), "--out", str(out), "--jobs", "2", "--format", "png", "--batch-size", "2",
+                                "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "img" / "u").glob("*/*/g*.png")) if (out / "img" / "u").is_dir() else True:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    workers = [c for c in children(process.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr
+    assert "an atlas worker process died (killed by SIGKILL); its task goes to a new worker" in stderr
+    with IndexReader(slow) as reader:
+        units = sum(reader.layer(name).channels for name in LAYERS)
+    assert len(list((out / "units").rglob("*.html"))) == units
+
+
+def test_ctrl_c_says_what_was_kept_and_a_rerun_continues(built: tuple[Path, Path, Path], site: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    process = subprocess.Popen([sys.executable, "-c", "from actindex.query.cli import main; main()", "atlas",
+                                str(built[0]), "--out", str(out), "--format", "png", "--device", "cpu"],
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "img" / "u").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert re.search(r"stopped by Ctrl-C \(SIGINT\) after \d+ of \d+ tasks; the pictures made so far are kept in "
+                     rf"'{re.escape(str(out))}' .*run the same command again to continue", stderr), stderr
+    assert "nothing was written" not in stderr and "--resume" not in stderr and "Traceback" not in stderr
+    build_atlas(config(built[0], out))
+    assert_same_site(out, site)

@@ -9,11 +9,12 @@ Pages are rewritten from scratch by every run (they are cheap), after all pictur
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +22,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actindex.indexer.errors import UserError, not_found
+from actindex.indexer.errors import Interrupted, UserError, not_found
 from actindex.indexer.index_file import IndexReader
+from actindex.indexer.signals import describe, stops_raise
 from actindex.kernels.overlap import nearest_by_overlap
 
 from .pages import site_size, write_pages
 from .plan import FORMATS, OWN, Layer, Manifest, Plan, index_identity, parse_units, slug
-from .work import Outcome, Task, Worker, run_task, start_worker
+from .pool import KillTask, TaskPool
+from .work import Outcome, Task, Worker, start_worker
 
 UNITS_PER_TASK = 16  # units are grouped by unit // 16, so a unit's batch never depends on --jobs
 TILES_PER_TASK = 256
@@ -56,6 +59,7 @@ class AtlasConfig:
     dream_steps: int = 200
     overwrite: bool = False  # replace a site built from another index
     crash_after: int | None = None  # testing: stop after this many tasks
+    kill_worker: KillTask | None = None  # testing: the worker running this task dies by SIGKILL
 
     def check(self) -> None:
         if self.image_format not in FORMATS:
@@ -118,11 +122,19 @@ def build_atlas(config: AtlasConfig, progress: bool = False) -> AtlasSummary:
     manifest.write(site)
     tasks = _tasks(plan, manifest)
     computed = sum(len(task.items) for task in tasks if task.kind == "units")
+    done = 0
     try:
-        for outcome in _run(tasks, plan, config, progress):
-            for name, counts in outcome.unguided.items():
-                manifest.unguided[name] = counts
-            manifest.sizes.update(outcome.sizes)
+        with stops_raise():
+            for outcome in _run(tasks, plan, config, progress):
+                for name, counts in outcome.unguided.items():
+                    manifest.unguided[name] = counts
+                manifest.sizes.update(outcome.sizes)
+                done += 1
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", 2)
+        raise Interrupted(f"stopped by {describe(signum)} after {done} of {len(tasks)} tasks; the pictures made so "
+                          f"far are kept in '{site}' (its pages are written at the end of a run): run the same "
+                          "command again to continue where it stopped", signum) from None
     finally:
         manifest.write(site)  # keep what finished (image sizes) for the next run
     plan.unguided = manifest.unguided
@@ -247,11 +259,12 @@ def _run(tasks: list[Task], plan: Plan, config: AtlasConfig, progress: bool) -> 
                 _maybe_crash(config, done)
             return
         threads = max(1, (os.cpu_count() or 1) // config.jobs) if config.device == "cpu" else 1
-        context = multiprocessing.get_context("spawn")  # no fork: torch's threads and CUDA do not survive it
-        with context.Pool(config.jobs, initializer=start_worker,
-                          initargs=(plan, config.device, config.data, config.weights, batch_size,
-                                    config.dream_steps, threads)) as pool:
-            for outcome in pool.imap_unordered(run_task, tasks):
+        pool: TaskPool[Task, Outcome] = TaskPool(
+            config.jobs, start_worker, (plan, config.device, config.data, config.weights, batch_size,
+                                        config.dream_steps, threads), kill=config.kill_worker,
+            note=(lambda text: bar.write(text, file=sys.stderr)) if progress else None)
+        with closing(pool.run(tasks)) as results:  # closed, its workers stopped, however this loop ends
+            for _, outcome in results:
                 yield outcome
                 done += 1
                 bar.update()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,17 +188,8 @@ class Worker:
         return outcome
 
 
-# One worker per process of a pool, made by `start_worker`.
-_worker: Worker | None = None
-
-
 def start_worker(plan: Plan, device: str, data: Any, weights: str | None, batch_size: int, dream_steps: int,
-                 threads: int) -> None:
-    global _worker
+                 threads: int) -> Callable[[Task], Outcome]:
+    """In a worker process of the pool: the function that runs its tasks."""
     torch.set_num_threads(threads)
-    _worker = Worker(plan, device, data, weights, batch_size, dream_steps)
-
-
-def run_task(task: Task) -> Outcome:
-    assert _worker is not None, "start_worker runs first in each pool process"
-    return _worker.run(task)
+    return Worker(plan, device, data, weights, batch_size, dream_steps).run
