@@ -34,7 +34,6 @@ from .checkpoint import (
     clear_partial,
     differences,
     fingerprint_hash,
-    fsync_file,
     has_checkpoints,
     image_list_hash,
     load_state,
@@ -43,7 +42,8 @@ from .checkpoint import (
     rows_path,
     save_state,
 )
-from .distributed import Job, PeerFailed, start_job
+from .distributed import Job, PeerFailed, local_world_size, start_job
+from .durable import fsync_file
 from .errors import UserError, not_found
 from .images import DEFAULT_MAX_PIXELS, ImageDataset, ImageList, scan_folder
 from .index_file import IndexWriter, LayerHits, atomic_output, check_output
@@ -188,8 +188,6 @@ class _Plan:
 def default_workers() -> int:
     """Decoding processes per process of the job: the cores this process may use, shared among the job's
     processes on this node, at most 8 (DataLoader warns beyond the cores, and gains little beyond 8)."""
-    from .distributed import local_world_size
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores // local_world_size()))
 

@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .durable import commit
 from .errors import UserError
 
 CHECKPOINT_FORMAT = "actindex-partial-build"
@@ -128,7 +129,7 @@ def save_state(folder: Path, state: RankState, fingerprint: str) -> None:
     path = state_path(folder, state.rank)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({key: t.contiguous() for key, t in state.topk.items()}, str(tmp), metadata=metadata)
-    _commit(tmp, path)
+    commit(tmp, path)
 
 
 def load_state(folder: Path, rank: int, fingerprint: str) -> RankState | None:
@@ -210,23 +211,7 @@ def rows_path(folder: Path, rank: int) -> Path:
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
-    _commit(tmp, path)
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    """fsync `tmp`, rename it onto `path`, fsync the folder: after this returns, `path` survives a power cut."""
-    fsync_file(tmp)
-    os.replace(tmp, path)
-    fsync_file(path.parent)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file's (or a folder's) contents to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    commit(tmp, path)
 
 
 # -- who is using a partial build ------------------------------------------------------------------------------

@@ -221,7 +221,10 @@ def info(index: Path, as_json: bool) -> None:
     for name, shape in summary["embeddings"].items():
         click.echo(f"  embeddings {name}: {shape[0]} x {shape[1]}")
     vectors = summary["faiss"]
-    if vectors:
+    if vectors and not vectors.get("present", True):
+        click.echo(f"  similarity index {vectors['index']}: missing (deleted, or not copied with the index); "
+                   f"rebuild it with: actindex faiss {index}")
+    elif vectors:
         recall = f", recall@10 {vectors['recall_at_10']:.3f}" if vectors.get("recall_at_10", -1) >= 0 else ""
         click.echo(f"  similarity index {vectors['index']}: {vectors['factory']} over {vectors['count']} vectors "
                    f"of '{vectors['layer']}'{recall}")
@@ -243,12 +246,21 @@ def faiss_command(index: Path, layer: str | None, factory: str | None) -> None:
 
     from .vector_file import rebuild
 
-    with tqdm(unit="vec", desc="faiss", file=sys.stderr, dynamic_ncols=True) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    bars: dict[str, Any] = {}
 
+    def progress(stage: str, done: int, total: int) -> None:
+        """One bar per pass over the vectors, each counting to the number of vectors."""
+        if stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[stage] = tqdm(total=total, unit="vec", desc=f"faiss {stage}", file=sys.stderr, dynamic_ncols=True)
+        bars[stage].update(done - bars[stage].n)
+
+    try:
         path, info, chosen = rebuild(index, layer, factory, progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
     recall = f", recall@10 {info.recall_at_10:.3f} against exact search" if info.recall_at_10 is not None else \
         " (exact search)"
     nprobe = f", nprobe {info.nprobe}" if info.nprobe is not None else ""

@@ -331,6 +331,17 @@ def preprocess(img: Image.Image, input_size: int) -> torch.Tensor:
     return torch.from_numpy(hwc).permute(2, 0, 1).contiguous()  # (3, S, S)
 
 
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                     device: torch.device | str) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> the network's float32 input on `device`: (pixels / 255 - mean) / std per channel.
+
+    Batches cross to the device as bytes and are normalized there, where it is cheap."""
+    mean_ = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std_ = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    x = pixels.to(device, non_blocking=True).float().div_(255.0)  # (B, 3, H, W)
+    return x.sub_(mean_).div_(std_)
+
+
 # ------------------------------------------------------------------------------------------ data loading
 
 

@@ -115,6 +115,11 @@ class IndexReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            inside = sorted(p.name for p in self.path.glob("*.h5"))
+            hint = f" (it holds {', '.join(inside[:5])})" if inside else ""
+            raise UserError(f"'{self.path}' is a folder, not an index; give the .h5 file 'actindex build' wrote"
+                            f"{hint}")
         if not self.path.is_file():
             raise UserError(f"index '{self.path}' does not exist")
         try:
@@ -218,6 +223,8 @@ class IndexReader:
         summary["faiss"] = {key[len("faiss_"):]: attrs[key] for key in ("faiss_index", "faiss_layer", "faiss_factory",
                                                                       "faiss_nprobe", "faiss_count",
                                                                       "faiss_recall_at_10") if key in attrs}
+        if summary["faiss"].get("index"):  # named by the file; it may have been deleted or not copied with it
+            summary["faiss"]["present"] = (self.path.parent / str(summary["faiss"]["index"])).is_file()
         summary["build"] = {key: attrs[key] for key in ("created", "seconds", "images_per_second", "device",
                                                          "actindex_version", "torch_version") if key in attrs}
         return summary

@@ -9,14 +9,13 @@ the pair can be moved together and a stale or foreign FAISS file is refused.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import h5py
 
 from .errors import UserError
-from .vectors import VectorIndexInfo, build_vector_index, read_vector_index, write_vector_index
+from .vectors import Progress, VectorIndexInfo, build_vector_index, read_vector_index, write_vector_index
 
 NONE = "none"  # --faiss-factory none: no FAISS file
 
@@ -27,7 +26,7 @@ def vector_index_path(index: Path) -> Path:
 
 
 def build_beside(dataset: h5py.Dataset, index: Path, factory: str | None,
-                 progress: Callable[[int, int], None] | None = None) -> tuple[Path, dict[str, Any]]:
+                 progress: Progress | None = None) -> tuple[Path, dict[str, Any]]:
     """Build the FAISS index of `dataset` under a temporary name beside `index`.
 
     Returns the temporary path (the caller renames it to `vector_index_path(index)` just before the HDF5 file
@@ -67,16 +66,22 @@ def open_vector_index(index: Path, attrs: dict[str, Any], layer: str | None, dim
     return vectors, built_from
 
 
+def require_vectors(reader: Any) -> None:
+    """Raise a UserError that says how to get vectors when the index (an open `IndexReader`) stores none."""
+    if not reader.embedding_names:
+        raise UserError(f"'{reader.path}' stores no per-image vectors, so it cannot be searched by similarity: it "
+                        "was built with --embed-layer ''. Build it again without that option (the vectors of the "
+                        "last indexed layer are stored) or with --embed-layer LAYER")
+
+
 def rebuild(index: Path, layer: str | None = None, factory: str | None = None,
-            progress: Callable[[int, int], None] | None = None) -> tuple[Path, VectorIndexInfo, str]:
+            progress: Progress | None = None) -> tuple[Path, VectorIndexInfo, str]:
     """`actindex faiss`: (re)build the FAISS file of `index` from its stored vectors, without the network."""
     from .index_file import IndexReader
 
     with IndexReader(index) as reader:
+        require_vectors(reader)
         names = reader.embedding_names
-        if not names:
-            raise UserError(f"'{index}' stores no per-image vectors (built with --embed-layer ''); rebuild the "
-                            "index with an embedding layer")
         chosen = layer or str(reader.attrs.get("faiss_layer") or reader.attrs.get("embed_layer") or names[0])
         dataset = reader.embeddings(chosen)  # not_found lists the layers with vectors
         vectors, info = build_vector_index(dataset, factory, progress)

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from .checkpoint import _commit
+from .durable import commit
 from .errors import UserError
 
 _BLOCK_BYTES = 64 << 20  # rows read per block: 64 MB of float32, e.g. 32768 rows of 512
@@ -119,14 +119,18 @@ def choose_factory(n: int, dim: int) -> str:
     return f"IVF{nlist},{codes}"
 
 
+Progress = Callable[[str, int, int], None]  # (stage, rows done, rows in all): "sampling", then "adding"
+
+
 def build_vector_index(vectors: VectorSource, factory: str | None = None,
-                       progress: Callable[[int, int], None] | None = None, target_recall: float = 0.95,
+                       progress: Progress | None = None, target_recall: float = 0.95,
                        seed: int = 0) -> tuple[faiss.Index, VectorIndexInfo]:
     """Index the valid rows of `vectors` (ids = row numbers) for cosine search; see the module docstring.
 
     `factory` defaults to `choose_factory`. Approximate indexes train on a seeded sample of valid rows;
     IVF indexes get the smallest power-of-two nprobe whose recall@10 on held-out sample queries reaches
-    `target_recall` + 0.01 (or nlist, if none does). `progress(done, total)` counts rows read, over all passes.
+    `target_recall` + 0.01 (or nlist, if none does). `progress(stage, done, total)` counts the rows read by each
+    pass over the vectors: "sampling" (approximate indexes only), then "adding"; total is the number of rows.
     """
     start_time = time.perf_counter()
     if len(vectors.shape) != 2:
@@ -138,12 +142,13 @@ def build_vector_index(vectors: VectorSource, factory: str | None = None,
     exact = _is_exact(index)
     ivf = _ivf(index)
     block = max(1, _BLOCK_BYTES // (4 * dim))
-    meter = _Progress(progress, n * (1 if exact else 2))
+    meter = _Progress(progress, n)
 
     queries: np.ndarray | None = None  # (Q, D) normalized held-out calibration queries
     query_ids: np.ndarray | None = None  # (Q,) their row numbers
     if not exact:
         sample_size = _TRAIN_PER_LIST * ivf.nlist if ivf is not None else _TRAIN_OTHER
+        meter.begin("sampling")
         sample_ids, sample = _sample_valid_rows(vectors, block, sample_size + _CALIBRATION_QUERIES, seed, meter)
         if len(sample_ids) == 0:
             raise UserError(_no_valid_vectors(n))
@@ -153,6 +158,7 @@ def build_vector_index(vectors: VectorSource, factory: str | None = None,
 
     exact_top = None if queries is None or query_ids is None else _ExactTopK(queries, query_ids, _CALIBRATION_K)
     count = 0
+    meter.begin("adding")
     for a in range(0, n, block):
         rows = _read(vectors, a, min(n, a + block))  # (B, D)
         ok = _valid_rows(rows)
@@ -188,7 +194,7 @@ def write_vector_index(index: faiss.Index, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         faiss.write_index(index, str(tmp))
-        _commit(tmp, path)
+        commit(tmp, path)
     except (RuntimeError, OSError) as error:
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write vector index '{path}': {_faiss_message(error)}") from error
@@ -231,13 +237,16 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 
 
 class _Progress:
-    def __init__(self, callback: Callable[[int, int], None] | None, total: int) -> None:
-        self.callback, self.total, self.done = callback, total, 0
+    def __init__(self, callback: Progress | None, total: int) -> None:
+        self.callback, self.total, self.done, self.stage = callback, total, 0, ""
+
+    def begin(self, stage: str) -> None:
+        self.stage, self.done = stage, 0
 
     def advance(self, rows: int) -> None:
         self.done += rows
         if self.callback is not None:
-            self.callback(self.done, self.total)
+            self.callback(self.stage, self.done, self.total)
 
 
 def _read(vectors: VectorSource, a: int, b: int) -> np.ndarray:

@@ -42,7 +42,8 @@ def _device(requested: str | None) -> str:
 @click.option("--layer", required=True, help="Layer name, as listed by 'actindex info INDEX'.")
 @click.option("--unit", required=True, type=int, help="Channel number in that layer.")
 @click.option("--k", type=int, help="Hits to show. Default: all the index keeps.")
-@click.option("--out", type=click.Path(path_type=Path), help="PNG to write. Default: LAYER-unitU.png here.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="PNG to write. Default: LAYER-unitU.png here; with --json, none unless --out is given.")
 @click.option("--context", is_flag=True, help="Also show each whole image with the patch's box.")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits and output paths as JSON.")
 @click.option("--save-maps", type=click.Path(path_type=Path),
@@ -55,17 +56,19 @@ def neuron(index: Path, layer: str, unit: int, k: int | None, out: Path | None, 
     """A unit's top image patches, with guided backprop and gradients of each (Zeiler & Fergus style)."""
     from .neuron import describe_unguided, query_neuron
     from .neuron import save_maps as write_maps
-    from .render import neuron_sheet, save_png
 
     result = query_neuron(index, layer, unit, k=k, data=data_root, weights=weights, device=_device(device))
-    out = out or Path(f"{layer}-unit{unit}.png")
-    save_png(neuron_sheet(result, context=context), out)
+    out = _picture_path(out, as_json, f"{layer}-unit{unit}.png")
+    if out is not None:
+        from .render import neuron_sheet, save_png
+
+        save_png(neuron_sheet(result, context=context), out)
     if save_maps is not None:
         write_maps(result, save_maps)
     if result.unguided:
         click.echo(f"Note: {describe_unguided(result.unguided)}", err=True)
     if as_json:
-        click.echo(json.dumps({**result.to_json(), "outputs": {"image": str(out),
+        click.echo(json.dumps({**result.to_json(), "outputs": {"image": str(out) if out else None,
                                                                "maps": str(save_maps) if save_maps else None}},
                               indent=2))
         return
@@ -74,6 +77,14 @@ def neuron(index: Path, layer: str, unit: int, k: int | None, out: Path | None, 
         click.echo(f"  #{hit.rank + 1} {hit.score:9.4g}  {hit.path}  box {list(hit.box)} "
                    f"(original pixels {list(hit.box_original)})")
     click.echo(f"Wrote {out}" + (f" and {save_maps}" if save_maps else ""))
+
+
+def _picture_path(out: Path | None, as_json: bool, default: str) -> Path | None:
+    """Where a query's picture goes: --out; without it, `default` in this folder, unless the answer is --json
+    (which names the files it wrote, so a picture nobody asked for is not left behind)."""
+    if out is not None or as_json:
+        return out
+    return Path(default)
 
 
 def _model_for(index: Path | None, model: str | None, weights: str | None, device: str) -> tuple[Any, dict]:
@@ -200,7 +211,8 @@ def dream(index: Path | None, model: str | None, weights: str | None, layer: str
 @click.option("--id", "image_id", type=int, help="An indexed image, by id (its stored vector is used).")
 @click.option("--k", default=9, show_default=True, type=int)
 @click.option("--layer", help="Embedding layer. Default: the one the FAISS index was built from.")
-@click.option("--out", type=click.Path(path_type=Path), help="PNG to write. Default: similar.png here.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="PNG to write. Default: similar.png here; with --json, none unless --out is given.")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits and output path as JSON.")
 @click.option("--explain", is_flag=True, help="Guided backprop of each hit's similarity, and its top units.")
 @click.option("--data-root", type=click.Path(path_type=Path), help="Where the images are now, if they moved.")
@@ -209,18 +221,22 @@ def dream(index: Path | None, model: str | None, weights: str | None, layer: str
 def similar(index: Path, image: Path | None, image_id: int | None, k: int, layer: str | None, out: Path | None,
             as_json: bool, explain: bool, data_root: Path | None, weights: str | None, device: str | None) -> None:
     """The images the network sees as most alike (cosine of activation vectors), from a new or indexed image."""
-    from .neuron import describe_unguided
-    from .render import save_png, similar_sheet
     from .similar import find_similar
 
+    out = _picture_path(out, as_json, "similar.png")
     result = find_similar(index, image=image, image_id=image_id, k=k, layer=layer, data=data_root,
-                          weights=weights, device=_device(device), explain=explain)
-    out = out or Path("similar.png")
-    save_png(similar_sheet(result), out)
+                          weights=weights, device=_device(device) if image is not None or explain else "cpu",
+                          explain=explain, pictures=out is not None)
+    if out is not None:
+        from .render import save_png, similar_sheet
+
+        save_png(similar_sheet(result), out)
     if result.unguided:
+        from .neuron import describe_unguided
+
         click.echo(f"Note: {describe_unguided(result.unguided)}", err=True)
     if as_json:
-        click.echo(json.dumps({**result.to_json(), "outputs": {"image": str(out)}}, indent=2))
+        click.echo(json.dumps({**result.to_json(), "outputs": {"image": str(out) if out else None}}, indent=2))
         return
     click.echo(f"Nearest to {result.query.get('path', result.query.get('image'))} by '{result.layer}':")
     for hit in result.hits:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .neuron import NeuronResult
-from .similar import SimilarResult
+if TYPE_CHECKING:
+    from .neuron import NeuronResult
+    from .similar import SimilarResult
 
 TILE = 128
 GAP = 6
@@ -126,6 +128,8 @@ def save_png(image: Image.Image, path: Path) -> None:
 def similar_sheet(result: SimilarResult, columns: int = 10) -> Image.Image:
     """The query, then its nearest images with scores; with an explanation, each hit's guided-backprop map of
     its similarity and the units contributing most under it."""
+    if result.query_image is None or len(result.images) != len(result.hits):
+        raise ValueError("the result holds no pictures: call find_similar with pictures=True")
     explained = result.maps is not None
     n = len(result.hits) + 1  # the query takes the first cell
     columns = min(columns, n)
@@ -142,7 +146,7 @@ def similar_sheet(result: SimilarResult, columns: int = 10) -> Image.Image:
     small = _font(10)
     cells: list[tuple[Image.Image, Image.Image | None, str, str, str]] = [
         (result.query_image, None, "query", _shorten(str(result.query.get("path", result.query.get("image"))), 22),
-         "")]  # type: ignore[list-item]
+         "")]
     for rank, hit in enumerate(result.hits):
         explanation = map_image(result.maps[rank]) if result.maps is not None else None
         units = " ".join(f"u{u}" for u, _ in hit.units[:3])

@@ -11,27 +11,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from actindex.indexer.errors import UserError, not_found
-from actindex.indexer.images import ImageReadError, load_rgb, preprocess
 from actindex.indexer.index_file import IndexReader
-from actindex.indexer.taps import layer_value
-from actindex.indexer.vector_file import open_vector_index
+from actindex.indexer.vector_file import open_vector_index, require_vectors
 from actindex.indexer.vectors import normalize, search
-from actindex.kernels.guided import GuidedBackprop
-from actindex.kernels.spatial import spatial_mean
 
-from .loading import LoadedImage, data_root, load_index_images, load_index_model
+if TYPE_CHECKING:  # torch and the network load only when a query needs them (a new image, --explain)
+    import torch
+    from torch import nn
+
+    from .loading import LoadedImage
 
 TOP_UNITS = 5
 
 
 def embed(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     """(B, D) spatial mean of `layer`'s output for the normalized batch `x` (differentiable if x requires grad)."""
+    from actindex.indexer.taps import layer_value
+    from actindex.kernels.spatial import spatial_mean
+
     return layer_value(model, layer, x, lambda out: spatial_mean(out) if out.ndim == 4 else out)
 
 
@@ -49,9 +51,9 @@ class SimilarResult:
     index: Path
     layer: str
     query: dict[str, object]  # {"id": N, "path": …} or {"image": path}
-    query_image: object  # PIL image of the query, at its own resolution
+    query_image: Any  # PIL image of the query at its own resolution; None unless pictures were asked for
     hits: list[SimilarHit]
-    images: list[LoadedImage]
+    images: list[LoadedImage]  # the hits' images, as the build preprocessed them; [] unless pictures were asked for
     maps: np.ndarray | None = None  # (k, 3, S, S) guided backprop of each hit's score, with --explain
     unguided: dict[str, int] = field(default_factory=dict)
 
@@ -64,8 +66,13 @@ class SimilarResult:
 
 def find_similar(index: Path, image: Path | None = None, image_id: int | None = None, k: int = 9,
                  layer: str | None = None, data: Path | None = None, weights: str | None = None,
-                 device: str = "cpu", explain: bool = False) -> SimilarResult:
-    """The k images nearest to a new image (`image`) or an indexed one (`image_id`), best first."""
+                 device: str = "cpu", explain: bool = False, pictures: bool = True) -> SimilarResult:
+    """The k images nearest to a new image (`image`) or an indexed one (`image_id`), best first.
+
+    What a query loads is what it needs: the stored vectors and the FAISS file always; the network only to embed
+    a new image or to explain the hits; the images only for `pictures` (the query's and the hits', for a
+    picture) or `explain`.
+    """
     if (image is None) == (image_id is None):
         raise UserError("give either --image PATH or --id N")
     if k < 1:
@@ -73,13 +80,14 @@ def find_similar(index: Path, image: Path | None = None, image_id: int | None = 
     with IndexReader(index) as reader:
         attrs = reader.attrs
         paths = reader.image_paths()
+        require_vectors(reader)
         name = layer or str(attrs.get("faiss_layer") or attrs.get("embed_layer") or "")
-        if not name or name not in reader.embedding_names:
-            raise not_found("embedding layer", name or "(none)", reader.embedding_names,
+        if name not in reader.embedding_names:
+            raise not_found("embedding layer", name, reader.embedding_names,
                             hint=f"'{index}' stores vectors of these layers")
         stored = reader.embeddings(name)
         vectors, name = open_vector_index(index, attrs, name, int(stored.shape[1]))
-        query_vector, query, query_image = None, {}, None
+        query: dict[str, object] = {}
         if image_id is not None:
             if not 0 <= image_id < len(paths):
                 raise UserError(f"--id {image_id} is out of range: the index has images 0-{len(paths) - 1}")
@@ -88,39 +96,63 @@ def find_similar(index: Path, image: Path | None = None, image_id: int | None = 
                 raise UserError(f"image {image_id} ('{paths[image_id]}') could not be read at build time and has "
                                 "no vector; 'actindex info' lists why")
             query = {"id": image_id, "path": paths[image_id]}
-    loaded = load_index_model(attrs, weights, device)
-    input_size = int(attrs["input_size"])
-    mean = torch.tensor(attrs["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(attrs["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    model = None
+    query_image = None
     if image is not None:
-        try:
-            query_image = load_rgb(image)
-        except (ImageReadError, OSError) as error:
-            raise UserError(f"cannot read --image '{image}': {error}") from error
-        x = (preprocess(query_image, input_size).unsqueeze(0).to(device).float() / 255 - mean) / std
-        with torch.inference_mode():
-            query_vector = embed(loaded.module, name, x).cpu().numpy().astype(np.float32)
+        query_image, x = _read_query(image, attrs, device)
+        model = _load_model(attrs, weights, device)
+        query_vector = _embed_query(model, name, x)
         query = {"image": str(image)}
-    else:
-        assert image_id is not None
-        query_image = load_index_images(data_root(attrs, data), [paths[image_id]], input_size,
-                                        data is not None)[0].original
-    assert query_vector is not None
     scores, ids = search(vectors, query_vector, k)
     found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-    images = load_index_images(data_root(attrs, data), [paths[i] for i, _ in found], input_size, data is not None)
     hits = [SimilarHit(rank, i, paths[i], s) for rank, (i, s) in enumerate(found)]
-    result = SimilarResult(index, name, query, query_image, hits, images)
+    result = SimilarResult(index, name, query, query_image, hits, [])
+    if pictures or explain:
+        from .loading import data_root, load_index_images
+
+        root, input_size = data_root(attrs, data), int(attrs["input_size"])
+        result.images = load_index_images(root, [paths[i] for i, _ in found], input_size, data is not None)
+        if image_id is not None:
+            result.query_image = load_index_images(root, [paths[image_id]], input_size, data is not None)[0].original
     if explain and hits:
-        _explain(result, loaded.module, normalize(query_vector)[0], mean, std, device)
+        _explain(result, model or _load_model(attrs, weights, device), normalize(query_vector)[0], attrs, device)
     return result
 
 
-def _explain(result: SimilarResult, model: nn.Module, query: np.ndarray, mean: torch.Tensor, std: torch.Tensor,
-             device: str) -> None:
+def _load_model(attrs: dict[str, Any], weights: str | None, device: str) -> nn.Module:
+    from .loading import load_index_model
+
+    return load_index_model(attrs, weights, device).module
+
+
+def _read_query(image: Path, attrs: dict[str, Any], device: str) -> tuple[Any, torch.Tensor]:
+    """A new image as a PIL image and as the normalized (1, 3, S, S) network input of the build."""
+    from actindex.indexer.images import ImageReadError, load_rgb, normalize_pixels, preprocess
+
+    try:
+        picture = load_rgb(image)
+    except (ImageReadError, OSError) as error:
+        raise UserError(f"cannot read --image '{image}': {error}") from error
+    pixels = preprocess(picture, int(attrs["input_size"])).unsqueeze(0)  # (1, 3, S, S) uint8
+    return picture, normalize_pixels(pixels, attrs["mean"], attrs["std"], device)
+
+
+def _embed_query(model: nn.Module, layer: str, x: torch.Tensor) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return embed(model, layer, x).cpu().numpy().astype(np.float32)  # (1, D)
+
+
+def _explain(result: SimilarResult, model: nn.Module, query: np.ndarray, attrs: dict[str, Any], device: str) -> None:
     """Guided backprop of q̂ · v̂(x) for every hit image x at once, and the units with the largest terms."""
-    pixels = torch.stack([image.pixels for image in result.images]).to(device)  # (k, 3, S, S) uint8
-    x = ((pixels.float() / 255 - mean) / std).requires_grad_(True)
+    import torch
+
+    from actindex.indexer.images import normalize_pixels
+    from actindex.kernels.guided import GuidedBackprop
+
+    pixels = torch.stack([image.pixels for image in result.images])  # (k, 3, S, S) uint8
+    x = normalize_pixels(pixels, attrs["mean"], attrs["std"], device).requires_grad_(True)
     q = torch.as_tensor(query, dtype=torch.float32, device=device)  # (D,)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:

@@ -159,6 +159,20 @@ def test_cli_json_picture_and_maps_agree(built: tuple[Path, Path, Path], tmp_pat
     assert picture.width == 6 + 3 * (TILE + 6)  # three columns, one per hit
 
 
+def test_cli_writes_a_picture_only_when_asked_with_json(built: tuple[Path, Path, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    index, _, _ = built
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["neuron", str(index), "--layer", "block", "--unit", "4", "--k", "2",
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outputs"] == {"image": None, "maps": None}
+    assert list(tmp_path.iterdir()) == []  # nothing written into the current folder
+    result = CliRunner().invoke(main, ["neuron", str(index), "--layer", "block", "--unit", "4", "--k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "Wrote block-unit4.png" in result.output and (tmp_path / "block-unit4.png").is_file()
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--layer", "nope", "--unit", "0"], "unknown layer 'nope'"),
     (["--layer", "down", "--unit", "16"], r"unit 16 is out of range: layer 'down' has 16 units \(0-15\)"),

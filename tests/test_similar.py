@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -170,3 +172,69 @@ def test_a_bad_factory_is_refused_before_any_work(built: tuple[Path, Path, Path]
     with pytest.raises(UserError, match="bad index factory 'IVFx,Nope'"):
         build(data, weights, out, factory="IVFx,Nope")
     assert not out.exists() and not (tmp_path / "bad.h5.partial").exists()
+
+
+def test_a_search_by_id_loads_only_what_its_answer_needs(built: tuple[Path, Path, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--json needs neither the network nor the images (which may have moved away); the picture needs the
+    images but not the network; --explain needs both."""
+    index, data, weights = built
+    copy = tmp_path / "copy.h5"
+    shutil.copy(index, copy)
+    shutil.copy(vector_index_path(index), vector_index_path(copy))
+    with h5py.File(copy, "r+") as f:
+        f.attrs["faiss_index"] = "copy.faiss"
+        f.attrs["data_root"] = str(tmp_path / "gone")  # the images moved
+        f.attrs["weights"] = str(tmp_path / "gone.pt")  # and so did the weights
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["similar", str(copy), "--id", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outputs"]["image"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.faiss", "copy.h5"]  # no picture left behind
+    code = (f"import sys; from actindex.query.cli import main\ntry:\n    main(['similar', {str(copy)!r}, '--id', '4', "
+            "'--json'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules), file=sys.stderr)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stderr.strip().splitlines()[-1] == "[]"  # nothing of the network's libraries is even imported
+    result = CliRunner().invoke(main, ["similar", str(copy), "--id", "4", "--data-root", str(data)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "similar.png").is_file()
+    result = CliRunner().invoke(main, ["similar", str(copy), "--id", "4", "--data-root", str(data), "--explain"])
+    assert result.exit_code == 1 and "pass --weights PATH to a copy of it" in result.output
+    result = CliRunner().invoke(main, ["similar", str(copy), "--id", "4", "--data-root", str(data), "--explain",
+                                       "--weights", str(weights), "--json", "--out", str(tmp_path / "e.png")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["hits"][0]["units"] and (tmp_path / "e.png").is_file()
+
+
+def test_an_index_without_vectors_says_so_and_how_to_get_them(built: tuple[Path, Path, Path],
+                                                             tmp_path: Path) -> None:
+    _, data, weights = built
+    bare = run_build(data, weights, tmp_path / "bare.h5", k=4, layers=LAYERS, embed_layer="")
+    for command in (["similar", str(bare), "--id", "0"], ["faiss", str(bare)]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 1, result.output
+        assert "stores no per-image vectors" in result.output and "--embed-layer ''" in result.output
+        assert "without that option" in result.output and "(none)" not in result.output
+
+
+def test_info_on_a_folder_and_on_an_index_whose_faiss_file_is_gone(built: tuple[Path, Path, Path],
+                                                                   tmp_path: Path) -> None:
+    index, _, _ = built
+    result = CliRunner().invoke(main, ["info", str(index.parent)])
+    assert result.exit_code == 1
+    assert "is a folder, not an index" in result.output and "index.h5" in result.output
+    assert "does not exist" not in result.output
+    copy = tmp_path / "copy.h5"
+    shutil.copy(index, copy)
+    shutil.copy(vector_index_path(index), vector_index_path(copy))
+    with h5py.File(copy, "r+") as f:
+        f.attrs["faiss_index"] = "copy.faiss"
+    result = CliRunner().invoke(main, ["info", str(copy)])
+    assert "similarity index copy.faiss: IDMap2,Flat over 30 vectors" in result.output
+    vector_index_path(copy).unlink()
+    result = CliRunner().invoke(main, ["info", str(copy)])
+    assert result.exit_code == 0
+    assert "similarity index copy.faiss: missing" in result.output and f"actindex faiss {copy}" in result.output
+    result = CliRunner().invoke(main, ["info", str(copy), "--json"])
+    assert json.loads(result.stdout)["faiss"]["present"] is False

@@ -154,21 +154,24 @@ def test_h5py_dataset_read_in_blocks_equals_numpy(tmp_path: Path, monkeypatch: p
     x[[5, 500, 2999]] = np.nan
     with h5py.File(tmp_path / "e.h5", "w") as h5:
         h5.create_dataset("embeddings/layer4", data=x, chunks=(50, 64))
-    calls: list[tuple[int, int]] = []
+    calls: list[tuple[str, int, int]] = []
     with h5py.File(tmp_path / "e.h5", "r") as h5:
         from_h5, info_h5 = build_vector_index(h5["embeddings/layer4"], "IVF16,Flat",
-                                              progress=lambda done, total: calls.append((done, total)))
+                                              progress=lambda *call: calls.append(call))
     from_np, info_np = build_vector_index(x, "IVF16,Flat")
     assert (info_h5.count, info_h5.nprobe, info_h5.recall_at_10) == (info_np.count, info_np.nprobe,
                                                                        info_np.recall_at_10)
     for a, b in zip(search(from_h5, x[:100], 10), search(from_np, x[:100], 10), strict=True):
         np.testing.assert_array_equal(a, b)
 
-    # Progress: two passes of 3000 rows (sample, add), one call per block, `done` increasing to `total`.
-    assert len(calls) == 2 * -(-3000 // 37)
-    done = [d for d, _ in calls]
-    assert done == sorted(done) and len(set(done)) == len(done)
-    assert calls[-1] == (6000, 6000) and {t for _, t in calls} == {6000}
+    # Progress: two passes over the 3000 rows, each counted to 3000 (not 6000 "vectors" for 3000), one call per
+    # block, `done` increasing to `total`.
+    blocks = -(-3000 // 37)
+    assert [stage for stage, _, _ in calls] == ["sampling"] * blocks + ["adding"] * blocks
+    for stage in ("sampling", "adding"):
+        done = [d for s, d, _ in calls if s == stage]
+        assert done == sorted(done) and len(set(done)) == len(done) and done[-1] == 3000
+    assert {t for _, _, t in calls} == {3000}
 
 
 def test_normalize_keeps_zero_rows_and_scales_the_rest() -> None:
