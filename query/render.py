@@ -9,6 +9,7 @@ image at its own resolution whenever that has more pixels than the network input
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
+    from .loading import LoadedImage
     from .neuron import NeuronResult
     from .similar import SimilarResult
 
@@ -24,24 +26,71 @@ TILE = 128
 GAP = 6
 LABEL = 30  # px of text under each column
 BACKGROUND = (255, 255, 255)
-BOX_COLOUR = (230, 30, 30)
+INK, GREY = (0, 0, 0), (60, 60, 60)
 
 
-def _font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
+@functools.cache
+def font(size: int = 11) -> ImageFont.FreeTypeFont:
+    """Noto Sans, shipped by the fontpkg-noto-sans package: Latin (all of Latin-1 and beyond), Greek and Cyrillic,
+    so file names such as 'café.jpg' are drawn as written (Pillow's built-in font has ASCII only)."""
+    import fontpkg
+
+    return ImageFont.truetype(str(fontpkg.path("Noto Sans")), size)
+
+
+def fit_text(text: str, face: ImageFont.FreeTypeFont, width: float) -> str:
+    """`text`, cut at the end with '…' until it is at most `width` pixels wide."""
+    if face.getlength(text) <= width:
+        return text
+    while text and face.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def wrap_text(text: str, face: ImageFont.FreeTypeFont, width: float) -> list[str]:
+    """Lines of at most `width` pixels, broken between words (a word wider than a line is cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and face.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(fit_text(word, face, width))
+    return lines or [""]
+
+
+def draw_title(draw: ImageDraw.ImageDraw, text: str, width: int) -> None:
+    """The sheet's title, wrapped to its width (`title_height` says how much room it takes)."""
+    face = font(12)
+    for line_number, line in enumerate(wrap_text(text, face, width - 2 * GAP)):
+        draw.text((GAP, 5 + 16 * line_number), line, fill=INK, font=face)
+
+
+def title_height(text: str, width: int) -> int:
+    return 8 + 16 * len(wrap_text(text, font(12), width - 2 * GAP))
+
+
+def _placement(image: Image.Image, size: int) -> tuple[tuple[int, int], tuple[int, int], float]:
+    """Where `fit` puts `image` in its square: (width, height), (left, top), scale."""
+    scale = size / max(image.width, image.height)
+    target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return target, ((size - target[0]) // 2, (size - target[1]) // 2), scale
 
 
 def fit(image: Image.Image, size: int = TILE) -> Image.Image:
     """Scale to fit a size x size square (nearest when enlarging, so pixels stay honest), centred on white."""
-    scale = size / max(image.width, image.height)
-    target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    target, corner, scale = _placement(image, size)
     resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
     tile = Image.new("RGB", (size, size), BACKGROUND)
-    tile.paste(image.resize(target, resample), ((size - target[0]) // 2, (size - target[1]) // 2))
+    tile.paste(image.resize(target, resample), corner)
     return tile
+
+
+def draw_box(draw: ImageDraw.ImageDraw, box: tuple[float, float, float, float]) -> None:
+    """A box (x0, y0, x1, y1), edges in pixels, drawn as a white line between two black ones: it shows on any
+    colour, red subjects included, and stays three screen pixels wide whatever the picture's size."""
+    x0, y0, x1, y1 = (round(v) for v in box)
+    draw.rectangle((x0 - 1, y0 - 1, x1, y1), outline=INK, width=3)
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=BACKGROUND, width=1)
 
 
 def map_image(values: np.ndarray, percentile: float = 99.5) -> Image.Image:
@@ -54,24 +103,25 @@ def map_image(values: np.ndarray, percentile: float = 99.5) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)))
 
 
-def patch_image(result: NeuronResult, rank: int) -> Image.Image:
-    """The hit's receptive-field patch, from the original image when that is sharper."""
-    hit, image = result.hits[rank], result.images[rank]
-    y0, x0, y1, x1 = hit.box
-    oy0, ox0, oy1, ox1 = hit.box_original
+def patch(image: LoadedImage, box: tuple[int, int, int, int]) -> Image.Image:
+    """The receptive-field patch `box` (network-input pixels), cut from the original image when that has more
+    pixels than the input's crop."""
+    y0, x0, y1, x1 = box
+    oy0, ox0, oy1, ox1 = image.geometry.to_original(box)
     if (oy1 - oy0) * (ox1 - ox0) > (y1 - y0) * (x1 - x0):
         return image.original.crop((ox0, oy0, ox1, oy1))
     return Image.fromarray(image.pixels[:, y0:y1, x0:x1].permute(1, 2, 0).numpy())
 
 
-def context_image(result: NeuronResult, rank: int) -> Image.Image:
-    """The whole original image with the patch's box drawn."""
+def context_tile(result: NeuronResult, rank: int, size: int = TILE) -> Image.Image:
+    """The whole original image fitted to a tile, with the patch's box drawn at the tile's resolution (so it
+    covers as little of a small image as of a large one)."""
     hit, image = result.hits[rank], result.images[rank]
-    picture = image.original.copy()
+    tile = fit(image.original, size)
+    _, (left, top), scale = _placement(image.original, size)
     oy0, ox0, oy1, ox1 = hit.box_original
-    width = max(1, round(max(picture.size) / TILE))  # about one displayed pixel after fitting
-    ImageDraw.Draw(picture).rectangle((ox0, oy0, ox1 - 1, oy1 - 1), outline=BOX_COLOUR, width=width)
-    return picture
+    draw_box(ImageDraw.Draw(tile), (left + ox0 * scale, top + oy0 * scale, left + ox1 * scale, top + oy1 * scale))
+    return tile
 
 
 def neuron_sheet(result: NeuronResult, context: bool = False, columns: int = 9) -> Image.Image:
@@ -80,38 +130,34 @@ def neuron_sheet(result: NeuronResult, context: bool = False, columns: int = 9) 
     n = len(result.hits)
     columns = min(columns, n)
     blocks = -(-n // columns)
-    header = 24
-    row_label = 0
     cell_h = len(rows) * (TILE + GAP) + LABEL
-    width = row_label + columns * (TILE + GAP) + GAP
-    height = header + blocks * cell_h + GAP
-    sheet = Image.new("RGB", (width, height), BACKGROUND)
+    width = columns * (TILE + GAP) + GAP
+    title = (f"{result.layer} unit {result.unit} of {result.channels}: top {n} images (receptive field "
+             f"{result.rf_size[0]}x{result.rf_size[1]} px); rows: {', '.join(rows)}")
+    header = title_height(title, width)
+    sheet = Image.new("RGB", (width, header + blocks * cell_h + GAP), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    font = _font(12)
-    draw.text((GAP, 5), f"{result.layer} unit {result.unit} of {result.channels}: top {n} images "
-                        f"(receptive field {result.rf_size[0]}x{result.rf_size[1]} px); rows: {', '.join(rows)}",
-              fill=(0, 0, 0), font=font)
-    small = _font(10)
+    draw_title(draw, title, width)
+    small = font(10)
     for rank, hit in enumerate(result.hits):
         block, column = divmod(rank, columns)
         left = GAP + column * (TILE + GAP)
         top = header + block * cell_h
         y0, x0, y1, x1 = hit.box
-        tiles = [patch_image(result, rank), map_image(result.guided[rank][:, y0:y1, x0:x1]),
-                 map_image(result.gradient[rank][:, y0:y1, x0:x1])]
+        tiles = [fit(patch(result.images[rank], hit.box)), fit(map_image(result.guided[rank][:, y0:y1, x0:x1])),
+                 fit(map_image(result.gradient[rank][:, y0:y1, x0:x1]))]
         if context:
-            tiles.append(context_image(result, rank))
+            tiles.append(context_tile(result, rank))
         for row, tile in enumerate(tiles):
-            sheet.paste(fit(tile), (left, top + row * (TILE + GAP)))
+            sheet.paste(tile, (left, top + row * (TILE + GAP)))
         text_top = top + len(rows) * (TILE + GAP) - 2
-        draw.text((left, text_top), f"#{rank + 1}  {hit.score:.3g}", fill=(0, 0, 0), font=small)
-        draw.text((left, text_top + 13), _shorten(hit.path, 22), fill=(60, 60, 60), font=small)
+        draw.text((left, text_top), f"#{rank + 1}  {hit.score:.3g}", fill=INK, font=small)
+        draw.text((left, text_top + 13), fit_text(_name(hit.path), small, TILE), fill=GREY, font=small)
     return sheet
 
 
-def _shorten(text: str, limit: int) -> str:
-    name = text.rsplit("/", 1)[-1]
-    return name if len(name) <= limit else name[: limit - 1] + "…"
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
 
 
 def save_png(image: Image.Image, path: Path) -> None:
@@ -137,21 +183,21 @@ def similar_sheet(result: SimilarResult, columns: int = 10) -> Image.Image:
     rows = 2 if explained else 1
     label = LABEL + (14 if explained else 0)
     cell_h = rows * (TILE + GAP) + label
-    header = 24
-    sheet = Image.new("RGB", (GAP + columns * (TILE + GAP), header + blocks * cell_h + GAP), BACKGROUND)
+    width = GAP + columns * (TILE + GAP)
+    title = (f"nearest images by cosine similarity of '{result.layer}' activations"
+             + ("; row 2: guided backprop of each score, units contributing most" if explained else ""))
+    header = title_height(title, width)
+    sheet = Image.new("RGB", (width, header + blocks * cell_h + GAP), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    draw.text((GAP, 5), f"nearest images by cosine similarity of '{result.layer}' activations"
-                        + ("; row 2: guided backprop of each score, units contributing most" if explained else ""),
-              fill=(0, 0, 0), font=_font(12))
-    small = _font(10)
+    draw_title(draw, title, width)
+    small = font(10)
     cells: list[tuple[Image.Image, Image.Image | None, str, str, str]] = [
-        (result.query_image, None, "query", _shorten(str(result.query.get("path", result.query.get("image"))), 22),
-         "")]
+        (result.query_image, None, "query", _name(str(result.query.get("path", result.query.get("image")))), "")]
     for rank, hit in enumerate(result.hits):
         explanation = map_image(result.maps[rank]) if result.maps is not None else None
         units = " ".join(f"u{u}" for u, _ in hit.units[:3])
-        cells.append((result.images[rank].original, explanation, f"#{rank + 1}  {hit.score:.3f}",
-                      _shorten(hit.path, 22), units))
+        cells.append((result.images[rank].original, explanation, f"#{rank + 1}  {hit.score:.3f}", _name(hit.path),
+                      units))
     for position, (picture, explanation, first, second, third) in enumerate(cells):
         block, column = divmod(position, columns)
         left = GAP + column * (TILE + GAP)
@@ -160,8 +206,7 @@ def similar_sheet(result: SimilarResult, columns: int = 10) -> Image.Image:
         if explanation is not None:
             sheet.paste(fit(explanation), (left, top + TILE + GAP))
         text_top = top + rows * (TILE + GAP) - 2
-        draw.text((left, text_top), first, fill=(0, 0, 0), font=small)
-        draw.text((left, text_top + 13), second, fill=(60, 60, 60), font=small)
-        if third:
-            draw.text((left, text_top + 26), third, fill=(60, 60, 60), font=small)
+        for line, (text, colour) in enumerate(((first, INK), (second, GREY), (third, GREY))):
+            if text:
+                draw.text((left, text_top + 13 * line), fit_text(text, small, TILE), fill=colour, font=small)
     return sheet

@@ -3,6 +3,7 @@ an uninterrupted build; links are checked on disk here and in a real browser in 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -168,7 +169,7 @@ def test_image_pages_list_the_exact_nearest_images(built: tuple[Path, Path, Path
         scores[~valid] = -np.inf
         scores[image_id] = -np.inf
         expected = np.argsort(-scores, kind="stable")[:8].tolist()
-        shown = [int(m) for m in re.findall(r'<figure class="near">(?:<a href="\d+.html">)?<img src="../img/i/(\d+)',
+        shown = [int(m) for m in re.findall(r'<figure class="thumb">(?:<a href="\d+.html">)?<img src="../img/i/(\d+)',
                                             page.read_text())]
         assert shown == expected, page.name
 
@@ -451,3 +452,15 @@ def test_ctrl_c_says_what_was_kept_and_a_rerun_continues(built: tuple[Path, Path
     assert "nothing was written" not in stderr and "--resume" not in stderr and "Traceback" not in stderr
     build_atlas(config(built[0], out))
     assert_same_site(out, site)
+
+
+def test_the_front_page_shows_no_local_absolute_paths(built: tuple[Path, Path, Path], site: Path) -> None:
+    """A site is often shared: paths are shown relative to the index's folder, in full only in atlas.json."""
+    index, data, weights = built
+    front = (site / "index.html").read_text()
+    assert str(index.parent) not in front and "/tmp" not in front
+    assert "<dt>data</dt><dd>data</dd>" in front and "<dt>weights</dt><dd>tiny.pt</dd>" in front
+    manifest = json.loads((site / "atlas.json").read_text())
+    assert manifest["data_root"] == str(data.resolve()) and manifest["weights"] == str(weights.resolve())
+    for page in site.rglob("*.html"):
+        assert str(index.parent) not in page.read_text(), page

@@ -45,6 +45,22 @@ ALL_PICTURES_LOADED = """async () => {
 }"""
 
 
+# Layouts a person would see as broken: a grid of tiles or pictures that shows one per row although the window
+# has room for more, and labels cut short.
+LAYOUT_PROBLEMS = """() => {
+  const problems = [];
+  for (const grid of document.querySelectorAll(".tiles, .neighbours, .hits")) {
+    const items = Array.from(grid.children).filter(item => !item.hidden);
+    if (items.length >= 2 && items[1].offsetTop !== items[0].offsetTop)
+      problems.push(`one item per row in .${grid.className.replace(/ /g, ".")} (${grid.clientWidth} px wide)`);
+  }
+  for (const label of document.querySelectorAll(".tile .n, .tile .v, figcaption, .facts dd")) {
+    if (label.scrollWidth > label.clientWidth + 1) problems.push(`cut label: ${label.textContent}`);
+  }
+  return problems;
+}"""
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with sync_api.sync_playwright() as playwright:
@@ -78,6 +94,8 @@ class Visit:
         self.page.wait_for_load_state("load")
         broken = self.page.evaluate(ALL_PICTURES_LOADED)  # Playwright's own scripts run with page JS off too
         assert broken == [], f"{self.page.url}: pictures that did not load: {broken[:5]}"
+        layout = self.page.evaluate(LAYOUT_PROBLEMS)
+        assert layout == [], f"{self.page.url}: {layout[:5]}"
         assert self.problems == [], f"{self.page.url}: {self.problems[:5]}"
         self.page.screenshot(path=str(self.shots / f"{name}.png"))
 
@@ -125,6 +143,10 @@ def test_a_person_browses_the_demo_atlas(demo_run: tuple[Path, str], browser: An
     visit.page.goto((site / "units" / "classifier" / "967.html").as_uri())
     visit.check("7-dream-unit")
     assert page.locator("img.dream").count() == 1
+    visit.page.goto((site / "units" / "blocks.4" / "0.html").as_uri())
+    visit.check("8-unit-with-nearest-units")
+    labels = page.locator(".tiles.near .tile .n").all_inner_texts()
+    assert len(labels) == 8 and any(not label.split()[0].isdigit() for label in labels)  # units of other layers
     visit.context.close()
 
 

@@ -19,7 +19,7 @@ from actindex.indexer.index_file import IndexReader
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
 from actindex.query.cli import main
 from actindex.query.neuron import attribute, query_neuron
-from actindex.query.render import TILE, neuron_sheet, patch_image
+from actindex.query.render import TILE, neuron_sheet, patch
 
 from test_build import SIZE, tiny_index
 from tiny_models import tiny_net
@@ -105,7 +105,7 @@ def test_patches_come_from_the_original_when_it_is_sharper(built: tuple[Path, Pa
     rank = [h.image_id for h in result.hits].index(big)
     hit = result.hits[rank]
     oy0, ox0, oy1, ox1 = hit.box_original
-    assert patch_image(result, rank).size == (ox1 - ox0, oy1 - oy0)  # 320 px originals vs 48 px input
+    assert patch(result.images[rank], hit.box).size == (ox1 - ox0, oy1 - oy0)  # 320 px originals vs 48 px input
     assert (oy1 - oy0) > (hit.box[2] - hit.box[0])
     sheet = neuron_sheet(result, context=True, columns=3)
     assert sheet.width >= 3 * TILE and sheet.height >= 2 * 4 * TILE

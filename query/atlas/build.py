@@ -93,6 +93,8 @@ def build_atlas(config: AtlasConfig, progress: bool = False) -> AtlasSummary:
     with IndexReader(config.index) as reader:
         identity = index_identity(reader)
         manifest = _open_site(config, identity)
+        manifest.data_root = str(reader.attrs.get("data_root", ""))
+        manifest.weights = str(reader.attrs.get("weights", ""))
         names = reader.layer_names
         chosen = list(config.layers) if config.layers else names
         for name in chosen:

@@ -80,8 +80,10 @@ def front_page(plan: Plan) -> str:
         pages = len(plan.pages.get(name, ()))
         rows.append(f'<tr><td><a href="{plan.layer_url(name)}">{esc(name)}</a></td><td>{hits.channels}</td>'
                     f"<td>{hits.height}×{hits.width}</td><td>{esc(rf_text(plan, name))}</td><td>{pages}</td></tr>")
-    facts = [("model", attrs.get("model", "")), ("weights", attrs.get("weights", "") or "random (seed 0)"),
-             ("data", attrs.get("data_root", "")), ("images", f"{attrs.get('num_images', '')} "
+    base = plan.index.parent
+    facts = [("model", attrs.get("model", "")),
+             ("weights", shown_path(str(attrs.get("weights", "")), base) or "random (seed 0)"),
+             ("data", shown_path(str(attrs.get("data_root", "")), base)), ("images", f"{attrs.get('num_images', '')} "
                                                               f"({attrs.get('num_skipped', 0)} skipped)"),
              ("input", f"{attrs.get('input_size', '')} px"), ("top-k", attrs.get("k", ""))]
     build = [("built", attrs.get("created", "")), ("time", f"{float(attrs.get('seconds', 0)):.1f} s"),
@@ -103,6 +105,17 @@ def front_page(plan: Plan) -> str:
             f'<h2>Images</h2>\n<p><a href="images/index.html">{len(plan.image_pages)} images</a> that are a top hit '
             f"of some unit, each with its nearest images.</p>\n<h2>The build</h2>\n{definitions(build)}\n{skipped}")
     return document(f"actindex atlas: {attrs.get('model', '')}", body, 0)
+
+
+def shown_path(path: str, base: Path) -> str:
+    """A local path as a shared site may show it: relative to `base` (the index's folder) when below it, else its
+    last part. A weights name ('ResNet18_Weights.IMAGENET1K_V1') stays as it is; atlas.json has the full paths."""
+    if not path or not Path(path).is_absolute():
+        return path
+    try:
+        return Path(path).relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
 
 
 def definitions(pairs: Iterable[tuple[str, object]]) -> str:
@@ -255,9 +268,9 @@ def image_page(plan: Plan, image_id: int, shown_in: list[tuple[int, str, int]], 
             picture = f'<img src="../{plan.image_file(other)}" alt="{esc(plan.paths[other])}" loading="lazy">'
             caption = f"<figcaption>{score:.3f}<br>{esc(short(plan.paths[other]))}</figcaption>"
             if other in pages:
-                cells.append(f'<figure class="near"><a href="{other}.html">{picture}</a>{caption}</figure>')
+                cells.append(f'<figure class="thumb"><a href="{other}.html">{picture}</a>{caption}</figure>')
             else:
-                cells.append(f'<figure class="near">{picture}{caption}</figure>')
+                cells.append(f'<figure class="thumb">{picture}{caption}</figure>')
         similar = (f"<p>Nearest by cosine similarity of '{esc(plan.similarity_layer)}' activations.</p>"
                    f'<div class="neighbours">{"".join(cells)}</div>')
     body = (f"{crumbs(1, ('images', 'images/index.html'), (short(path, 60), None))}\n<h1>{esc(path)}</h1>\n"
@@ -269,7 +282,7 @@ def image_page(plan: Plan, image_id: int, shown_in: list[tuple[int, str, int]], 
 
 
 def images_page(plan: Plan) -> str:
-    cells = "".join(f'<figure class="near"><a href="{i}.html"><img src="../{plan.image_file(i)}" '
+    cells = "".join(f'<figure class="thumb"><a href="{i}.html"><img src="../{plan.image_file(i)}" '
                     f'alt="{esc(plan.paths[i])}" loading="lazy"></a><figcaption>{esc(short(plan.paths[i]))}'
                     "</figcaption></figure>" for i in plan.image_pages)
     body = (f"{crumbs(1, ('images', None))}\n<h1>Images</h1>\n<p>{len(plan.image_pages)} images that are a top "

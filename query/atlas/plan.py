@@ -86,6 +86,8 @@ class Manifest:
     index: str
     identity: str
     image_format: str
+    data_root: str = ""  # the full local paths the front page shortens (a site is often shared)
+    weights: str = ""
     layers: list[str] = field(default_factory=list)
     units: dict[str, list[int]] = field(default_factory=dict)  # units with a page, per layer
     dreams: dict[str, list[int]] = field(default_factory=dict)  # units with a dream, per layer
@@ -94,7 +96,8 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "index": self.index,
-                "identity": self.identity, "image_format": self.image_format, "layers": self.layers,
+                "identity": self.identity, "image_format": self.image_format, "data_root": self.data_root,
+                "weights": self.weights, "layers": self.layers,
                 "units": self.units, "dreams": self.dreams, "unguided": self.unguided,
                 "sizes": {str(k): list(v) for k, v in sorted(self.sizes.items())}}
 
@@ -120,10 +123,11 @@ class Manifest:
             raise UserError(f"'{path}' is not an actindex atlas manifest of version {MANIFEST_VERSION} "
                             f"(format {data.get('format')!r}, version {data.get('version')!r}); give a new folder")
         return Manifest(index=data["index"], identity=data["identity"], image_format=data["image_format"],
+                        data_root=str(data.get("data_root", "")), weights=str(data.get("weights", "")),
                         layers=list(data["layers"]), units={k: list(v) for k, v in data["units"].items()},
                         dreams={k: list(v) for k, v in data["dreams"].items()},
                         unguided={k: dict(v) for k, v in data["unguided"].items()},
-                sizes={int(k): (int(v[0]), int(v[1])) for k, v in data["sizes"].items()})
+                        sizes={int(k): (int(v[0]), int(v[1])) for k, v in data["sizes"].items()})
 
 
 def write_text(path: Path, text: str) -> None:

@@ -24,7 +24,7 @@ from actindex.indexer.errors import UserError
 from ..dream import DreamConfig, dream
 from ..loading import LoadedImage, data_root, load_index_images, load_index_model
 from ..neuron import attribute, check_reproduced
-from ..render import map_image
+from ..render import map_image, patch
 from .plan import Plan, write_bytes
 
 PATCH = 128  # longest side of a stored patch or guided crop; smaller ones are stored as they are
@@ -64,15 +64,6 @@ def shrink(image: Image.Image, size: int) -> Image.Image:
     scale = size / max(image.size)
     return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                         Image.Resampling.LANCZOS)
-
-
-def patch(image: LoadedImage, box: tuple[int, int, int, int]) -> Image.Image:
-    """The receptive-field patch, cut from the original image when that has more pixels than the input's."""
-    y0, x0, y1, x1 = box
-    oy0, ox0, oy1, ox1 = image.geometry.to_original(box)
-    if (oy1 - oy0) * (ox1 - ox0) > (y1 - y0) * (x1 - x0):
-        return image.original.crop((ox0, oy0, ox1, oy1))
-    return Image.fromarray(image.pixels[:, y0:y1, x0:x1].permute(1, 2, 0).numpy())
 
 
 class Worker:
