@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,7 +245,8 @@ class BuildLock:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:
                 continue
-            if not _try_lock(fd):
+            locked = _try_lock(fd)
+            if locked is False:
                 os.close(fd)
                 raise UserError(in_use(folder, path))
             if not _same_file(fd, path):  # locked a file that was removed meanwhile: take the new one
@@ -272,7 +274,7 @@ def check_unlocked(folder: Path, ranks: range) -> None:
         except FileNotFoundError:
             continue
         try:
-            if not _try_lock(fd):
+            if _try_lock(fd) is False:
                 raise UserError(in_use(folder, path))
         finally:
             os.close(fd)  # and with it the lock just taken to test
@@ -288,12 +290,20 @@ def in_use(folder: Path, path: Path) -> str:
             "command again")
 
 
-def _try_lock(fd: int) -> bool:
+_UNSUPPORTED = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
+
+
+def _try_lock(fd: int) -> bool | None:
+    """True: locked; False: another process holds it; None: this filesystem has no locks (warned once)."""
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         if error.errno in (errno.EACCES, errno.EAGAIN):
             return False
+        if error.errno in _UNSUPPORTED:
+            warnings.warn(f"the filesystem of the partial build does not support locks ({error.strerror}): "
+                          "a second build of the same --out would not be stopped", stacklevel=3)
+            return None
         raise
     return True
 

@@ -260,3 +260,28 @@ def test_a_vision_transformer_s_blocks_are_shown_as_tokens() -> None:
     assert "197x192" in block and " 197 " not in block
     proj = next(line for line in output.splitlines() if " patch_embed.proj " in line)
     assert "192x14x14" in proj and " 192 " in proj
+
+
+IMPORTS = ("import sys\nfrom actindex.query.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as stop:\n"
+           "    assert not stop.code, stop.code\n"
+           "print('\\nIMPORTED', *(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules), file=sys.stderr)")
+
+
+def imported(*args: str | Path) -> str:
+    """The heavy libraries a command imported, run in a fresh process as a person would run it."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run([sys.executable, "-c", IMPORTS, *map(str, args)], capture_output=True, text=True,
+                            env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    return " ".join(result.stderr.rsplit("IMPORTED", 1)[1].split())
+
+
+def test_commands_import_only_what_they_need(data: Path, weights: Path, tmp_path: Path) -> None:
+    """Reading an index needs no torch; a query on a network of one's own needs neither torchvision nor timm
+    (whose imports cost seconds: torchvision pulls in torch._dynamo)."""
+    out = tmp_path / "i.h5"
+    code, output = invoke("build", data, "--out", out, "--weights", weights, "--k", "3", *TINY)
+    assert code == 0, output
+    assert imported("info", out) == ""
+    assert imported("faiss", out) == ""
+    assert imported("neuron", out, "--layer", "down", "--unit", "1", "--json", "--device", "cpu") == "torch"
