@@ -71,6 +71,8 @@ class TaskPool(Generic[T, R]):
         self.note = note  # told when a worker dies and its task is given again
         self.context = multiprocessing.get_context("spawn")  # no fork: torch's threads and CUDA do not survive it
         self.workers: list[_Worker] = []
+        self.started = False  # some worker has become ready
+        self.start_failures = 0
 
     def run(self, tasks: Sequence[T]) -> Generator[tuple[int, R], None, None]:
         pending: deque[tuple[int, int]] = deque((number, 0) for number in range(len(tasks)))
@@ -114,7 +116,7 @@ class TaskPool(Generic[T, R]):
     def _receive(self, worker: _Worker, message: tuple[str, Any]) -> tuple[int, R] | None:
         kind, payload = message
         if kind == "ready":
-            worker.ready = True
+            worker.ready = self.started = True
             return None
         assert worker.task is not None
         number, _ = worker.task
@@ -133,11 +135,17 @@ class TaskPool(Generic[T, R]):
         if worker.process.is_alive():  # closed its pipe yet lingers: it is of no more use
             worker.process.kill()
             worker.process.join()
-        how = _exit(worker.process.exitcode)
+        code = worker.process.exitcode
+        how = _exit(code)
         if not worker.ready:
-            raise UserError(f"an atlas worker process died while starting ({how}; its error is printed above). A "
-                            "script that calls build_atlas with jobs > 1 must do so under "
-                            "'if __name__ == \"__main__\":', as every worker imports the script again")
+            self.start_failures += 1
+            if code is not None and code > 0 and not self.started:  # an error, before any worker could start
+                raise UserError(f"an atlas worker process failed while starting ({how}; its error is printed "
+                                "above). A script that calls build_atlas with jobs > 1 must do so under "
+                                "'if __name__ == \"__main__\":', as every worker imports the script again")
+            if self.start_failures > self.jobs:
+                raise UserError(f"atlas worker processes keep dying while starting ({how}); the pictures made "
+                                "so far are kept: run the same command again, with fewer --jobs if memory is short")
         if worker.task is not None:
             number, attempt = worker.task
             if attempt >= RETRIES:
