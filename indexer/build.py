@@ -270,6 +270,7 @@ class _Build:
         self.shards = shard_ranges(len(plan.images.paths), self.config.batch_size, job.world_size)
         self.timings = {"stream": 0.0, "checkpoint": 0.0, "merge": 0.0, "write": 0.0, "faiss": 0.0}
         self._shown = (0, 0)  # the job's (images, skipped) the progress bar has been told about
+        self.lock: BuildLock | None = None  # this rank's slot of the partial build, held while it runs
 
     def _show(self, bar: Progress, totals: tuple[int, int] | None) -> None:
         if totals is not None:
@@ -277,7 +278,6 @@ class _Build:
             self._shown = totals
 
     def run(self) -> BuildSummary:
-        self.lock: BuildLock | None = None
         try:
             return self._run()
         except BaseException:
