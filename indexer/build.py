@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import torch
 
+from actindex.kernels.errors import UserError, not_found
 from actindex.kernels.receptive_field import LayerGeometry, boxes
 from actindex.kernels.spatial import unravel
 from actindex.kernels.topk import TopKResult
@@ -44,7 +45,6 @@ from .checkpoint import (
 )
 from .distributed import Job, PeerFailed, local_world_size, start_job
 from .durable import fsync_file
-from .errors import UserError, not_found
 from .images import DEFAULT_MAX_PIXELS, ImageDataset, ImageList, scan_folder
 from .index_file import IndexWriter, LayerHits, atomic_output, check_output
 from .layers import addressable_layers, check_indexable, resolve_layers

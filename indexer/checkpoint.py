@@ -31,8 +31,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from actindex.kernels.errors import UserError
+
 from .durable import commit
-from .errors import UserError
 
 CHECKPOINT_FORMAT = "actindex-partial-build"
 CHECKPOINT_VERSION = 2  # 2: the state holds exact sums for the units' means

@@ -35,7 +35,7 @@ class ActindexGroup(click.Group):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
         except Exception as error:  # noqa: BLE001 - the one place where every failure becomes a message
-            from .errors import UserError
+            from actindex.kernels.errors import UserError, one_line
 
             code = error.exit_code if isinstance(error, UserError) else 1
             if getattr(error, "quiet", False) and not debug:
@@ -44,12 +44,9 @@ class ActindexGroup(click.Group):
             who = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             if debug:
                 traceback.print_exc()
-            elif isinstance(error, UserError):
-                click.echo(f"Error: {who}{error}", err=True)
             else:
-                first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                click.echo(f"Error: {who}{type(error).__name__}: {first} (rerun with --debug for the traceback)",
-                           err=True)
+                hint = "" if isinstance(error, UserError) else " (rerun with --debug for the traceback)"
+                click.echo(f"Error: {who}{one_line(error)}{hint}", err=True)
             sys.exit(code)
 
 

@@ -29,7 +29,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import Interrupted, UserError, one_line
+from actindex.kernels.errors import Interrupted, UserError, one_line
+
 from .signals import describe
 
 T = TypeVar("T")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import UserError
+from actindex.kernels.errors import UserError, first_line
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {
@@ -133,14 +133,14 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         raise ImageReadError("not a recognized image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageReadError(
-            f"decompression bomb: {_one_line(err)} (Pillow's own limit, PIL.Image.MAX_IMAGE_PIXELS)"
+            f"decompression bomb: {first_line(err)} (Pillow's own limit, PIL.Image.MAX_IMAGE_PIXELS)"
         ) from err
     except OSError as err:
         if err.errno is not None:  # the OS refused (permissions, vanished file), not Pillow's decoder
             raise ImageReadError(f"cannot read file: {err.strerror}") from err
-        raise ImageReadError(f"truncated or corrupt image: {_one_line(err)}") from err
+        raise ImageReadError(f"truncated or corrupt image: {first_line(err)}") from err
     except Exception as err:  # decoders raise SyntaxError, ValueError, EOFError, zlib.error, ...
-        raise ImageReadError(f"truncated or corrupt image: {_one_line(err)}") from err
+        raise ImageReadError(f"truncated or corrupt image: {first_line(err)}") from err
 
 
 def _file_size(path: str | Path) -> int:
@@ -180,11 +180,6 @@ def _bomb_warning_action(max_pixels: int) -> Literal["error", "ignore"]:
     return "error" if pil_limit is not None and max_pixels <= pil_limit else "ignore"
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
-
-
 # -------------------------------------------------------------------------------------------- conversion
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -205,7 +200,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
             return _flatten_on_white(im)
         return im.convert("RGB")
     except ValueError as err:  # modes Pillow cannot convert, e.g. LAB
-        raise ImageReadError(f"cannot convert pixel mode {im.mode} to RGB: {_one_line(err)}") from err
+        raise ImageReadError(f"cannot convert pixel mode {im.mode} to RGB: {first_line(err)}") from err
 
 
 def _sixteen_bit_to_l(im: Image.Image) -> Image.Image:

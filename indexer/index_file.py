@@ -18,7 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import UserError
+from actindex.kernels.errors import UserError
 
 FORMAT_NAME = "actindex"
 FORMAT_VERSION = 1
@@ -177,7 +177,7 @@ class IndexReader:
         return list(zip(group["path"].asstr()[()], group["reason"].asstr()[()], strict=True))
 
     def layer(self, name: str) -> LayerHits:
-        from .errors import not_found
+        from actindex.kernels.errors import not_found
 
         if name not in self.layer_names:
             raise not_found("layer", name, self.layer_names, hint=f"these are the layers in '{self.path}'")
@@ -198,7 +198,7 @@ class IndexReader:
     def embeddings(self, name: str) -> h5py.Dataset:
         """The (N, D) dataset itself, so callers can read it in blocks."""
         if name not in self.embedding_names:
-            from .errors import not_found
+            from actindex.kernels.errors import not_found
 
             raise not_found("embedding layer", name, self.embedding_names)
         return self.h5[f"embeddings/{name}"]

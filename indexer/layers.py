@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from actindex.kernels.errors import UserError, not_found
 from actindex.kernels.receptive_field import LayerGeometry, trace_geometry
-
-from .errors import UserError, not_found
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)
 

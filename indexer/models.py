@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError, not_found
+from actindex.kernels.errors import UserError, first_line, not_found
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -151,9 +151,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad or unsafe pickle
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"'{path}' is not a plain state dict loadable with weights_only=True "
-                        f"({first_line}); save it with torch.save(model.state_dict(), path)") from error
+                        f"({first_line(error)}); save it with torch.save(model.state_dict(), path)") from error
     for wrapper in ("state_dict", "model", "model_state_dict"):  # common training-checkpoint layouts
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]

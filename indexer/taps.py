@@ -12,7 +12,7 @@ from contextlib import contextmanager, suppress
 import torch
 from torch import nn
 
-from .errors import UserError
+from actindex.kernels.errors import UserError
 
 Callback = Callable[[str, torch.Tensor], None]
 
@@ -77,7 +77,7 @@ def layer_value(model: nn.Module, layer: str, x: torch.Tensor,
     `reduce` runs inside the hook, before any later in-place op can rewrite the output, and the forward pass
     stops right after the layer.
     """
-    from .errors import not_found
+    from actindex.kernels.errors import not_found
 
     modules = dict(model.named_modules())
     if layer not in modules:

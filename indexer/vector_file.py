@@ -14,7 +14,8 @@ from typing import Any
 
 import h5py
 
-from .errors import UserError
+from actindex.kernels.errors import UserError
+
 from .vectors import Progress, VectorIndexInfo, build_vector_index, read_vector_index, write_vector_index
 
 NONE = "none"  # --faiss-factory none: no FAISS file

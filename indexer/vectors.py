@@ -29,8 +29,9 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
+from actindex.kernels.errors import UserError
+
 from .durable import commit
-from .errors import UserError
 
 _BLOCK_BYTES = 64 << 20  # rows read per block: 64 MB of float32, e.g. 32768 rows of 512
 _CALIBRATION_K = 10  # recall@10 is what the user sees on a result page
@@ -288,7 +289,7 @@ def _is_exact(index: faiss.Index) -> bool:
 
 def _faiss_message(error: BaseException) -> str:
     """faiss's message on one line, without its C++ function signature and source location."""
-    text = " ".join(str(error).split())
+    text = " ".join(str(error).split())  # faiss puts the message after the location, on the next line
     text = re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
     return re.sub(r"^Error: '.*?' failed: ", "", text)
 

@@ -67,6 +67,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .errors import not_found
+
 __all__ = ["AxisField", "LayerGeometry", "boxes", "trace_geometry"]
 
 
@@ -539,9 +541,7 @@ def _select_modules(model: nn.Module, names: Sequence[str] | None) -> list[tuple
     everything = dict(model.named_modules(remove_duplicate=False))
     missing = [n for n in names if n not in everything]
     if missing:
-        valid = [n for n in everything if n]
-        shown = ", ".join(valid[:40]) + (" ..." if len(valid) > 40 else "")
-        raise KeyError(f"no module named {missing} in the model; valid names ({len(valid)}): {shown}")
+        raise not_found("module", missing[0], [n for n in everything if n], limit=40)
     return [(n, everything[n]) for n in names]
 
 

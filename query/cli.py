@@ -89,8 +89,8 @@ def _picture_path(out: Path | None, as_json: bool, default: str) -> Path | None:
 
 def _model_for(index: Path | None, model: str | None, weights: str | None, device: str) -> tuple[Any, dict]:
     """(LoadedModel, index attributes or {}) from an index, or from --model/--weights."""
-    from actindex.indexer.errors import UserError
     from actindex.indexer.models import load_model
+    from actindex.kernels.errors import UserError
 
     if index is not None:
         from actindex.indexer.index_file import IndexReader
@@ -164,7 +164,7 @@ def dream(index: Path | None, model: str | None, weights: str | None, layer: str
 
     from PIL import Image
 
-    from actindex.indexer.errors import UserError
+    from actindex.kernels.errors import UserError
 
     from .dream import DreamConfig
     from .dream import dream as run_dream

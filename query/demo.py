@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actindex.indexer.errors import UserError
+from actindex.kernels.errors import UserError
 
 MODEL = "timm:efficientnet_lite0"
 # The network's default stages ('actindex layers --model timm:efficientnet_lite0'), plus the class logits:

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from actindex.indexer.errors import UserError, not_found
 from actindex.indexer.taps import first_tensor
 from actindex.kernels.blur import gaussian_blur
+from actindex.kernels.errors import UserError, not_found
 
 OBJECTIVES = ("center", "mean", "logit")
 INIT_STD = 0.1  # of the initial noise, in normalized units: a faint texture around the mean colour

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from actindex.indexer.errors import UserError, not_found
+from actindex.kernels.errors import UserError, not_found
 
 BACKGROUND = 255  # white: stands apart from the mid-grey of zero weights
 

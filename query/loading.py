@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from actindex.indexer.errors import UserError
 from actindex.indexer.images import CropGeometry, ImageReadError, crop_geometry, load_rgb, preprocess
 from actindex.indexer.models import LoadedModel, load_model, sha256_file
+from actindex.kernels.errors import UserError
 
 
 def weights_argument(recorded: str) -> str | None:

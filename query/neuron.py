@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from actindex.indexer.errors import UserError
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.taps import layer_value
+from actindex.kernels.errors import UserError
 from actindex.kernels.guided import GuidedBackprop
 
 from .loading import LoadedImage, data_root, load_index_images, load_index_model

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from actindex.indexer.errors import UserError, not_found
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.vector_file import open_vector_index, require_vectors
 from actindex.indexer.vectors import normalize, search
+from actindex.kernels.errors import UserError, not_found
 
 if TYPE_CHECKING:  # torch and the network load only when a query needs them (a new image, --explain)
     import torch

@@ -19,9 +19,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from actindex.indexer.errors import UserError
 from actindex.indexer.images import crop_geometry, preprocess
 from actindex.indexer.index_file import IndexReader
+from actindex.kernels.errors import UserError
 from actindex.query.atlas import AtlasConfig, InjectedCrash, build_atlas
 from actindex.query.atlas.plan import parse_units
 from actindex.query.atlas.pool import KillTask

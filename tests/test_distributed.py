@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from actindex.indexer.build import BuildConfig, Fault, InjectedFault, build_index, shard_ranges
 from actindex.indexer.checkpoint import partial_dir, state_path
-from actindex.indexer.errors import UserError
+from actindex.kernels.errors import UserError
 
 from test_build import LAYERS, SIZE, make_images
 

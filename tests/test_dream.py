@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actindex.indexer.errors import UserError
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
 from actindex.kernels.blur import gaussian_blur, gaussian_kernel1d, high_frequency_energy
+from actindex.kernels.errors import UserError
 from actindex.query.dream import DreamConfig, DreamResult, clip_small_contribution, clip_small_norm, dream
 
 SIZE = 40

@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from actindex.indexer.errors import UserError
+from actindex.kernels.errors import UserError
 from actindex.query.filters import BACKGROUND, filter_grid, first_conv, layer_weight
 
 

@@ -14,7 +14,6 @@ import torch
 from PIL import Image, ImageFile
 from torchvision import transforms
 
-from actindex.indexer.errors import UserError
 from actindex.indexer.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -29,6 +28,7 @@ from actindex.indexer.images import (
     resize_size,
     scan_folder,
 )
+from actindex.kernels.errors import UserError
 
 from corpus import (  # tests/ is on sys.path under pytest's default import mode
     BLUE,

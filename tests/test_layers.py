@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torchvision
 
-from actindex.indexer.errors import UserError
 from actindex.indexer.layers import resolve_layers
+from actindex.kernels.errors import UserError
 
 
 @pytest.mark.parametrize(("name", "expected"), [

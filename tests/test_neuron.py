@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from PIL import Image
 from torchvision import transforms
 
-from actindex.indexer.errors import UserError
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
+from actindex.kernels.errors import UserError
 from actindex.query.cli import main
 from actindex.query.neuron import attribute, query_neuron
 from actindex.query.render import TILE, neuron_sheet, patch

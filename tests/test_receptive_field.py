@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from actindex.kernels.errors import UserError
 from actindex.kernels.receptive_field import AxisField, LayerGeometry, boxes, trace_geometry
 
 Box = tuple[int, int, int, int]
@@ -482,5 +483,5 @@ def test_trace_leaves_model_as_it_was() -> None:
 def test_names_select_and_unknown_names_list_valid_ones() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     assert list(trace_geometry(model, 8, names=["1", "0"])) == ["1", "0"]
-    with pytest.raises(KeyError, match="valid names"):
+    with pytest.raises(UserError, match="unknown module 'conv'.* valid modules: 0, 1"):
         trace_geometry(model, 8, names=["conv"])

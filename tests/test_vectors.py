@@ -9,7 +9,6 @@ import h5py
 import numpy as np
 import pytest
 
-from actindex.indexer.errors import UserError
 from actindex.indexer.vectors import (
     build_vector_index,
     choose_factory,
@@ -18,6 +17,7 @@ from actindex.indexer.vectors import (
     search,
     write_vector_index,
 )
+from actindex.kernels.errors import UserError
 
 NAN_ROWS = (3, 17)
 ZERO_ROW = 11

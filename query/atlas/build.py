@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actindex.indexer.errors import Interrupted, UserError, not_found
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.signals import describe, stops_raise
+from actindex.kernels.errors import Interrupted, UserError, not_found
 from actindex.kernels.overlap import nearest_by_overlap
 
 from .pages import site_size, write_pages

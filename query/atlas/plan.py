@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from actindex.indexer.errors import UserError, not_found
 from actindex.indexer.index_file import IndexReader, LayerHits
+from actindex.kernels.errors import UserError, not_found
 
 MANIFEST = "atlas.json"
 MANIFEST_FORMAT = "actindex-atlas"

@@ -24,8 +24,8 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, TypeVar
 
-from actindex.indexer.errors import UserError, one_line
 from actindex.indexer.signals import describe, detach, shielded
+from actindex.kernels.errors import UserError, one_line
 
 T = TypeVar("T")
 R = TypeVar("R")

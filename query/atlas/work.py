@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from actindex.indexer.errors import UserError
+from actindex.kernels.errors import UserError
 
 from ..dream import DreamConfig, dream
 from ..loading import LoadedImage, data_root, load_index_images, load_index_model

@@ -1,4 +1,9 @@
-"""Errors a user can fix. The CLI prints their message on one line and exits non-zero, without a traceback."""
+"""Errors a user can fix, and errors as one line.
+
+`UserError` is what every layer (kernels, indexer, query) raises for bad input: the CLI prints its message on one
+line and exits non-zero, without a traceback. It lives here, at the bottom of the import order, so that kernels
+can raise it too.
+"""
 
 from __future__ import annotations
 
@@ -33,9 +38,15 @@ def not_found(kind: str, name: str, valid: Iterable[str], hint: str = "", limit:
     return UserError(message + (f". {hint}" if hint else ""))
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, spaces collapsed; the error's type when it has no message."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def one_line(error: BaseException) -> str:
     """An error as one line: a UserError's message as it is, anything else as 'Type: first line'."""
     if isinstance(error, UserError):
         return str(error)
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {first}"
+    text = first_line(error)
+    return text if text == type(error).__name__ else f"{type(error).__name__}: {text}"
