@@ -26,6 +26,7 @@ from actindex.kernels.spatial import unravel
 from actindex.kernels.topk import TopKResult
 
 from .accumulate import IndexAccumulator
+from .atomic import atomic_path
 from .checkpoint import (
     BuildLock,
     Manifest,
@@ -44,14 +45,13 @@ from .checkpoint import (
     save_state,
 )
 from .distributed import Job, PeerFailed, local_world_size, start_job
-from .durable import fsync_file
 from .images import DEFAULT_MAX_PIXELS, ImageDataset, ImageList, scan_folder
-from .index_file import IndexWriter, LayerHits, atomic_output, check_output
+from .index_file import IndexWriter, LayerHits, check_output
 from .layers import addressable_layers, check_indexable, resolve_layers
 from .models import LoadedModel, load_model
 from .signals import detach_worker, shielded
-from .vector_file import NONE, build_beside, vector_index_path
-from .vectors import check_factory
+from .vector_file import NONE, index_for, vector_index_path
+from .vectors import check_factory, write_vector_index
 
 
 class Progress(Protocol):
@@ -455,34 +455,29 @@ class _Build:
                 raise UserError(f"rank {rank} did not finish its shard (no final checkpoint in '{self.folder}'); "
                                 "rerun with --resume")
             skipped += state.skipped
-        faiss_tmp: Path | None = None
-        try:
-            with atomic_output(config.out, config.overwrite) as tmp:
-                with h5py.File(tmp, "w") as h5:
-                    writer = IndexWriter(h5)
-                    writer.write_images(plan.images.paths, plan.images.labels, plan.images.classes)
-                    means = accumulator.means(len(plan.images.paths) - len(skipped))
-                    for name, result in accumulator.results().items():
-                        writer.write_layer(layer_hits(plan.geometry[name], result, config.input_size))
-                        writer.write_mean(name, means[name].numpy())
-                    writer.write_skipped([(plan.images.paths[i], reason) for i, reason in skipped])
-                    attrs = _attrs(plan, self.job.world_size, len(skipped), seconds)
-                    if plan.embed_layer is not None:
-                        embeddings = writer.create_embeddings(plan.embed_layer, len(plan.images.paths),
-                                                              plan.embed_dim)
-                        self._copy_rows(embeddings)
-                        if config.faiss_factory != NONE and len(skipped) < len(plan.images.paths):
-                            tick_faiss = time.perf_counter()
-                            faiss_tmp, faiss_attrs = build_beside(embeddings, config.out, config.faiss_factory)
-                            attrs.update(faiss_attrs)
-                            self.timings["faiss"] = time.perf_counter() - tick_faiss
-                    writer.write_attrs(attrs)
-                fsync_file(tmp)
-                if faiss_tmp is not None:  # before the HDF5 file appears: it never names a missing FAISS file
-                    os.replace(faiss_tmp, vector_index_path(config.out))
-        finally:
-            if faiss_tmp is not None:
-                faiss_tmp.unlink(missing_ok=True)
+        check_output(config.out, config.overwrite)
+        with atomic_path(config.out, durable=True) as tmp:
+            vectors = None
+            with h5py.File(tmp, "w") as h5:
+                writer = IndexWriter(h5)
+                writer.write_images(plan.images.paths, plan.images.labels, plan.images.classes)
+                means = accumulator.means(len(plan.images.paths) - len(skipped))
+                for name, result in accumulator.results().items():
+                    writer.write_layer(layer_hits(plan.geometry[name], result, config.input_size))
+                    writer.write_mean(name, means[name].numpy())
+                writer.write_skipped([(plan.images.paths[i], reason) for i, reason in skipped])
+                attrs = _attrs(plan, self.job.world_size, len(skipped), seconds)
+                if plan.embed_layer is not None:
+                    embeddings = writer.create_embeddings(plan.embed_layer, len(plan.images.paths), plan.embed_dim)
+                    self._copy_rows(embeddings)
+                    if config.faiss_factory != NONE and len(skipped) < len(plan.images.paths):
+                        tick_faiss = time.perf_counter()
+                        vectors, faiss_attrs = index_for(embeddings, config.out, config.faiss_factory)
+                        attrs.update(faiss_attrs)
+                        self.timings["faiss"] = time.perf_counter() - tick_faiss
+                writer.write_attrs(attrs)
+            if vectors is not None:  # before the HDF5 file appears: it never names a missing FAISS file
+                write_vector_index(vectors, vector_index_path(config.out))
         self.timings["write"] = time.perf_counter() - tick
         return len(skipped)
 

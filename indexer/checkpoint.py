@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from actindex.kernels.errors import UserError
 
-from .durable import commit
+from .atomic import atomic_path, atomic_write
 
 CHECKPOINT_FORMAT = "actindex-partial-build"
 CHECKPOINT_VERSION = 2  # 2: the state holds exact sums for the units' means
@@ -85,7 +85,7 @@ class Manifest:
     def save(self, folder: Path) -> None:
         record = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint,
                   "shards": [list(s) for s in self.shards]}
-        _write_atomically(folder / "manifest.json", json.dumps(record, indent=1, sort_keys=True).encode())
+        atomic_write(folder / "manifest.json", json.dumps(record, indent=1, sort_keys=True).encode(), durable=True)
 
     @classmethod
     def load(cls, folder: Path) -> Manifest:
@@ -128,10 +128,8 @@ def save_state(folder: Path, state: RankState, fingerprint: str) -> None:
     metadata = {"format": CHECKPOINT_FORMAT, "version": str(CHECKPOINT_VERSION), "fingerprint": fingerprint,
                 "rank": str(state.rank), "next_id": str(state.next_id), "end": str(state.end),
                 "skipped": json.dumps(state.skipped)}
-    path = state_path(folder, state.rank)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({key: t.contiguous() for key, t in state.topk.items()}, str(tmp), metadata=metadata)
-    commit(tmp, path)
+    with atomic_path(state_path(folder, state.rank), durable=True) as tmp:
+        save_file({key: t.contiguous() for key, t in state.topk.items()}, str(tmp), metadata=metadata)
 
 
 def load_state(folder: Path, rank: int, fingerprint: str) -> RankState | None:
@@ -208,12 +206,6 @@ class RowFile:
 
 def rows_path(folder: Path, rank: int) -> Path:
     return folder / f"rank-{rank:05d}.rows"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    commit(tmp, path)
 
 
 # -- who is using a partial build ------------------------------------------------------------------------------
@@ -324,7 +316,7 @@ def has_checkpoints(folder: Path) -> bool:
 def clear_partial(folder: Path, keep_locks: bool = True) -> None:
     """Remove a partial build's own files (never anything else that may be in the folder); the folder itself
     too when that leaves it empty and `keep_locks` is False."""
-    patterns = ["manifest.json", ".manifest.json.tmp", "rank-*.safetensors", ".rank-*.safetensors.tmp",
+    patterns = ["manifest.json", ".manifest.json.tmp-*", "rank-*.safetensors", ".rank-*.safetensors.tmp-*",
                 "rank-*.rows"] + ([] if keep_locks else ["rank-*.lock"])
     for pattern in patterns:
         for path in folder.glob(pattern):

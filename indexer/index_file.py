@@ -8,9 +8,7 @@ target path that looks valid.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,23 +39,6 @@ class LayerHits:
     y: np.ndarray  # (C, k) int32
     x: np.ndarray  # (C, k) int32
     box: np.ndarray  # (C, k, 4) int32 (y0, x0, y1, x1), network-input pixels, half-open
-
-
-def temporary_path(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
-
-
-@contextmanager
-def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary path beside `out`; rename it onto `out` only if the block completes."""
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(out)
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -8,7 +8,6 @@ the pair can be moved together and a stale or foreign FAISS file is refused.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +25,13 @@ def vector_index_path(index: Path) -> Path:
     return index.with_name(index.stem + ".faiss")
 
 
-def build_beside(dataset: h5py.Dataset, index: Path, factory: str | None,
-                 progress: Progress | None = None) -> tuple[Path, dict[str, Any]]:
-    """Build the FAISS index of `dataset` under a temporary name beside `index`.
-
-    Returns the temporary path (the caller renames it to `vector_index_path(index)` just before the HDF5 file
-    takes its place, so a complete index never names a missing FAISS file) and the attributes to record.
-    """
+def index_for(dataset: h5py.Dataset, index: Path, factory: str | None,
+              progress: Progress | None = None) -> tuple[Any, dict[str, Any]]:
+    """The FAISS index of `dataset`, in memory, and the attributes `index` records about its file. The caller
+    writes it with `write_vector_index(…, vector_index_path(index))` before the HDF5 file takes its place, so
+    that a complete index never names a missing FAISS file."""
     vectors, info = build_vector_index(dataset, factory, progress)
-    final = vector_index_path(index)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    write_vector_index(vectors, tmp)
-    return tmp, attributes(info, str(dataset.name).rsplit("/", 1)[-1], final)
+    return vectors, attributes(info, str(dataset.name).rsplit("/", 1)[-1], vector_index_path(index))
 
 
 def attributes(info: VectorIndexInfo, layer: str, final: Path) -> dict[str, Any]:
@@ -87,12 +81,7 @@ def rebuild(index: Path, layer: str | None = None, factory: str | None = None,
         dataset = reader.embeddings(chosen)  # not_found lists the layers with vectors
         vectors, info = build_vector_index(dataset, factory, progress)
     final = vector_index_path(index)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        write_vector_index(vectors, tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_vector_index(vectors, final)
     with h5py.File(index, "r+") as h5:  # a few small attributes, rewritten in place
         for key, value in attributes(info, chosen, final).items():
             h5.attrs[key] = value

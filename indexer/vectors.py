@@ -18,7 +18,6 @@ calibration queries, keeps an exact top-k over the same blocks, so exact ground 
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import numpy as np
 
 from actindex.kernels.errors import UserError
 
-from .durable import commit
+from .atomic import atomic_path
 
 _BLOCK_BYTES = 64 << 20  # rows read per block: 64 MB of float32, e.g. 32768 rows of 512
 _CALIBRATION_K = 10  # recall@10 is what the user sees on a result page
@@ -191,13 +190,10 @@ def build_vector_index(vectors: VectorSource, factory: str | None = None,
 
 def write_vector_index(index: faiss.Index, path: Path) -> None:
     """Write under a temporary name in the same folder, fsync, rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        faiss.write_index(index, str(tmp))
-        commit(tmp, path)
+        with atomic_path(Path(path), durable=True) as tmp:
+            faiss.write_index(index, str(tmp))
     except (RuntimeError, OSError) as error:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write vector index '{path}': {_faiss_message(error)}") from error
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actindex.indexer.atomic import atomic_path
 from actindex.kernels.errors import UserError
 
 MODEL = "timm:efficientnet_lite0"
@@ -54,10 +55,8 @@ def demo_weights(out_dir: Path) -> Path:
             raise UserError(f"packaged tensor {src_name} {tuple(tensor.shape)} does not fit timm's {dst_name} "
                             f"{tuple(expected.shape)}")
         converted[dst_name] = tensor.contiguous()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(converted, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(converted, str(tmp))
     return path
 
 

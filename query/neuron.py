@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from actindex.indexer.atomic import atomic_path
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.taps import layer_value
 from actindex.kernels.errors import UserError
@@ -172,14 +173,12 @@ def check_reproduced(layer: str, unit: int, paths: list[str], recorded: np.ndarr
 
 def save_maps(result: NeuronResult, path: Path) -> None:
     """The per-hit maps as arrays (network-input coordinates), with the hits they belong to; written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         np.savez_compressed(f, guided=result.guided.astype(np.float32), gradient=result.gradient.astype(np.float32),
                             image_id=np.array([h.image_id for h in result.hits], dtype=np.int64),
                             score=np.array([h.score for h in result.hits], dtype=np.float32),
                             position=np.array([[h.y, h.x] for h in result.hits], dtype=np.int32).reshape(-1, 2),
                             box=np.array([h.box for h in result.hits], dtype=np.int32).reshape(-1, 4))
-    tmp.replace(path)
 
 
 def describe_unguided(unguided: dict[str, int]) -> str:

@@ -10,12 +10,13 @@ image at its own resolution whenever that has more pixels than the network input
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from actindex.indexer.atomic import atomic_path
 
 if TYPE_CHECKING:
     from .loading import LoadedImage
@@ -162,13 +163,8 @@ def _name(path: str) -> str:
 
 def save_png(image: Image.Image, path: Path) -> None:
     """Write under a temporary name in the same folder, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", optimize=True)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def similar_sheet(result: SimilarResult, columns: int = 10) -> Image.Image:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from actindex.indexer.atomic import atomic_write
 from actindex.indexer.images import crop_geometry
 
-from .plan import Plan, write_bytes, write_text
+from .plan import Plan
 
 
 def esc(value: object) -> str:
@@ -295,21 +296,22 @@ def write_pages(plan: Plan) -> int:
     site = plan.site
     static = resources.files("actindex.query.atlas") / "static"
     for name in ("atlas.css", "atlas.js"):
-        write_bytes(site / name, (static / name).read_bytes())
-    write_text(site / "index.html", front_page(plan))
+        atomic_write(site / name, (static / name).read_bytes())
+    atomic_write(site / "index.html", front_page(plan).encode())
     written = 3
     for name in plan.layers:
-        write_text(site / plan.layer_url(name), layer_page(plan, name))
+        atomic_write(site / plan.layer_url(name), layer_page(plan, name).encode())
         written += 1
         for unit in plan.pages.get(name, ()):
-            write_text(site / plan.unit_url(name, unit), unit_page(plan, name, unit))
+            atomic_write(site / plan.unit_url(name, unit), unit_page(plan, name, unit).encode())
             written += 1
     shown = appearances(plan)
     pages = set(plan.image_pages)
     for image_id in plan.image_pages:
-        write_text(site / plan.image_url(image_id), image_page(plan, image_id, shown.get(image_id, []), pages))
+        page = image_page(plan, image_id, shown.get(image_id, []), pages)
+        atomic_write(site / plan.image_url(image_id), page.encode())
         written += 1
-    write_text(site / "images" / "index.html", images_page(plan))
+    atomic_write(site / "images" / "index.html", images_page(plan).encode())
     return written + 1
 
 

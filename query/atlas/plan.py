@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from actindex.indexer.atomic import atomic_write
 from actindex.indexer.index_file import IndexReader, LayerHits
 from actindex.kernels.errors import UserError, not_found
 
@@ -102,7 +102,7 @@ class Manifest:
                 "sizes": {str(k): list(v) for k, v in sorted(self.sizes.items())}}
 
     def write(self, site: Path) -> None:
-        write_text(site / MANIFEST, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        atomic_write(site / MANIFEST, (json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n").encode())
 
     @staticmethod
     def read(site: Path) -> Manifest | None:
@@ -128,21 +128,6 @@ class Manifest:
                         dreams={k: list(v) for k, v in data["dreams"].items()},
                         unguided={k: dict(v) for k, v in data["unguided"].items()},
                         sizes={int(k): (int(v[0]), int(v[1])) for k, v in data["sizes"].items()})
-
-
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write under a temporary name and rename: a file in the site is always whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from actindex.indexer.atomic import atomic_write
 from actindex.kernels.errors import UserError
 
 from ..dream import DreamConfig, dream
 from ..loading import LoadedImage, data_root, load_index_images, load_index_model
 from ..neuron import attribute, check_reproduced
 from ..render import map_image, patch
-from .plan import Plan, write_bytes
+from .plan import Plan
 
 PATCH = 128  # longest side of a stored patch or guided crop; smaller ones are stored as they are
 THUMB = 320  # longest side of a stored whole image
@@ -101,7 +102,7 @@ class Worker:
         return result
 
     def save(self, image: Image.Image, name: str) -> None:
-        write_bytes(self.plan.site / name, encode(image, self.plan.image_format))
+        atomic_write(self.plan.site / name, encode(image, self.plan.image_format))
 
     def run(self, task: Task) -> Outcome:
         if task.kind == "tiles":
