@@ -17,6 +17,7 @@ from actindex.kernels.exact_sum import ExactSum
 from actindex.kernels.spatial import spatial_max, spatial_mean
 from actindex.kernels.topk import RunningTopK, TopKResult
 
+from .images import Normalize
 from .taps import tapped
 
 
@@ -32,16 +33,10 @@ class IndexAccumulator:
         self.device = device
         self.topk = {name: RunningTopK(c, k, device) for name, c in channels.items()}
         self.sums = {name: ExactSum(c, device) for name, c in channels.items()}
-        self._mean = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+        self.normalize = Normalize(mean, std, device)
         self._ids = torch.empty(0, dtype=torch.int64, device=device)
         self._embedding: torch.Tensor | None = None
         self.images_seen = 0
-
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 on any device -> normalized float32 on the model's device."""
-        x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
-        return x.sub_(self._mean).div_(self._std)
 
     def _record(self, name: str, output: torch.Tensor) -> None:
         # Runs inside the forward hook: reduce now, before any in-place op downstream rewrites `output`.

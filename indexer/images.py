@@ -326,15 +326,31 @@ def preprocess(img: Image.Image, input_size: int) -> torch.Tensor:
     return torch.from_numpy(hwc).permute(2, 0, 1).contiguous()  # (3, S, S)
 
 
-def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                     device: torch.device | str) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> the network's float32 input on `device`: (pixels / 255 - mean) / std per channel.
+class Normalize:
+    """The network's input normalization, x = (pixels / 255 - mean) / std per channel, on `device`, both ways.
 
-    Batches cross to the device as bytes and are normalized there, where it is cheap."""
-    mean_ = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std_ = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    x = pixels.to(device, non_blocking=True).float().div_(255.0)  # (B, 3, H, W)
-    return x.sub_(mean_).div_(std_)
+    Batches cross to the device as uint8 bytes and are normalized there, where it is cheap; the statistics are
+    moved to the device once, when this is made (a copy per batch would wait for the device's queue).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 on any device -> normalized float32 on this one."""
+        x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
+        return x.sub_(self.mean).div_(self.std)
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 3, 1, 1) each: the normalized values of pixel values 0 and 255."""
+        return (0 - self.mean) / self.std, (1 - self.mean) / self.std
+
+    def to_pixels(self, x: torch.Tensor) -> np.ndarray:
+        """(1, 3, H, W) normalized -> (H, W, 3) uint8, clipped."""
+        pixels = (x * self.std + self.mean).clamp(0, 1)[0]  # (3, H, W)
+        return (pixels * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------ data loading

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from actindex.indexer.images import Normalize
 from actindex.indexer.taps import first_tensor
 from actindex.kernels.blur import gaussian_blur
 from actindex.kernels.errors import UserError, not_found
@@ -198,12 +199,6 @@ def _zero_smallest(x: torch.Tensor, score: torch.Tensor, percentile: float) -> t
     return x * keep.view(1, 1, *x.shape[2:])  # (1, 3, H, W)
 
 
-def to_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) normalized -> (H, W, 3) uint8 pixels."""
-    pixels = (x[0] * std + mean).clamp(0, 1)  # (3, H, W)
-    return (pixels * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
 def dream(model: nn.Module, layer: str | None, unit: int, mean: Sequence[float], std: Sequence[float],
           config: DreamConfig, device: torch.device | str = "cpu") -> DreamResult:
     """Optimize an image to maximize `unit` of `layer` (or class logit `unit` when objective is "logit").
@@ -217,9 +212,8 @@ def dream(model: nn.Module, layer: str | None, unit: int, mean: Sequence[float],
     if config.objective != "logit" and layer is None:
         raise UserError(f"objective '{config.objective}' needs a layer; or use objective 'logit' for a class")
     device = torch.device(device)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)  # (3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
-    low, high = (0 - mean_t) / std_t, (1 - mean_t) / std_t  # (3, 1, 1) the valid range, normalized
+    normalize = Normalize(mean, std, device)
+    low, high = normalize.bounds()  # (1, 3, 1, 1) each: the valid range, normalized
 
     generator = torch.Generator().manual_seed(config.seed)  # CPU: same draws on every device
     size = config.input_size
@@ -251,5 +245,5 @@ def dream(model: nn.Module, layer: str | None, unit: int, mean: Sequence[float],
                 x = torch.maximum(torch.minimum(x, high), low)
         with torch.no_grad():
             final = float(_objective(_forward(model, taken, layer, x), config.objective, unit))
-    return DreamResult(image=to_uint8(x, mean_t, std_t), activation=final, start_activation=start,
+    return DreamResult(image=normalize.to_pixels(x), activation=final, start_activation=start,
                        history=history)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from actindex.indexer.atomic import atomic_path
+from actindex.indexer.images import Normalize
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.taps import layer_value
 from actindex.kernels.errors import UserError
@@ -141,10 +142,7 @@ def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data:
     input_size = int(attrs["input_size"])
     images = load_index_images(data_root(attrs, data), [paths[i] for i in ids], input_size, data is not None)
     loaded = load_index_model(attrs, weights, device)
-    mean = torch.tensor(attrs["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(attrs["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    pixels = torch.stack([image.pixels for image in images]).to(device)  # (n, 3, S, S) uint8
-    x = (pixels.float() / 255.0 - mean) / std
+    x = Normalize(attrs["mean"], attrs["std"], device)(torch.stack([image.pixels for image in images]))
     ys = torch.as_tensor(hits.y[unit][:count], dtype=torch.int64)
     xs = torch.as_tensor(hits.x[unit][:count], dtype=torch.int64)
     result = attribute(loaded.module, layer, unit, x, ys, xs)

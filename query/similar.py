@@ -127,14 +127,14 @@ def _load_model(attrs: dict[str, Any], weights: str | None, device: str) -> nn.M
 
 def _read_query(image: Path, attrs: dict[str, Any], device: str) -> tuple[Any, torch.Tensor]:
     """A new image as a PIL image and as the normalized (1, 3, S, S) network input of the build."""
-    from actindex.indexer.images import ImageReadError, load_rgb, normalize_pixels, preprocess
+    from actindex.indexer.images import ImageReadError, Normalize, load_rgb, preprocess
 
     try:
         picture = load_rgb(image)
     except (ImageReadError, OSError) as error:
         raise UserError(f"cannot read --image '{image}': {error}") from error
     pixels = preprocess(picture, int(attrs["input_size"])).unsqueeze(0)  # (1, 3, S, S) uint8
-    return picture, normalize_pixels(pixels, attrs["mean"], attrs["std"], device)
+    return picture, Normalize(attrs["mean"], attrs["std"], device)(pixels)
 
 
 def _embed_query(model: nn.Module, layer: str, x: torch.Tensor) -> np.ndarray:
@@ -148,11 +148,11 @@ def _explain(result: SimilarResult, model: nn.Module, query: np.ndarray, attrs: 
     """Guided backprop of q̂ · v̂(x) for every hit image x at once, and the units with the largest terms."""
     import torch
 
-    from actindex.indexer.images import normalize_pixels
+    from actindex.indexer.images import Normalize
     from actindex.kernels.guided import GuidedBackprop
 
     pixels = torch.stack([image.pixels for image in result.images])  # (k, 3, S, S) uint8
-    x = normalize_pixels(pixels, attrs["mean"], attrs["std"], device).requires_grad_(True)
+    x = Normalize(attrs["mean"], attrs["std"], device)(pixels).requires_grad_(True)
     q = torch.as_tensor(query, dtype=torch.float32, device=device)  # (D,)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torchvision.models import ResNet18_Weights
 
+from actindex.indexer.images import Normalize
 from actindex.indexer.models import load_model
 from actindex.kernels.blur import high_frequency_energy
 from actindex.query.demo import MODEL, demo_weights
@@ -35,8 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(MODEL, str(demo_weights(Path(tmp))), args.device)
-    mean = torch.tensor(loaded.mean, device=args.device).view(1, 3, 1, 1)
-    std = torch.tensor(loaded.std, device=args.device).view(1, 3, 1, 1)
+    normalize = Normalize(loaded.mean, loaded.std, args.device)
     base = DreamConfig(objective="logit", steps=args.steps)
     print(f"{MODEL}, {args.steps} steps at {base.input_size} px, blur sigma {base.blur_sigma} every "
           f"{base.blur_every} steps, seed {base.seed}, {args.device}, torch {torch.__version__}")
@@ -47,9 +47,10 @@ def main() -> None:
             start = time.perf_counter()
             result = dream(loaded.module, None, cls, loaded.mean, loaded.std, config, args.device)
             seconds = time.perf_counter() - start
-            x = torch.from_numpy(np.ascontiguousarray(result.image)).permute(2, 0, 1)[None].float().div(255)
+            pixels = torch.from_numpy(np.ascontiguousarray(result.image)).permute(2, 0, 1)[None]  # (1, 3, S, S)
+            x = pixels.float().div(255)
             with torch.inference_mode():
-                p = loaded.module((x.to(args.device) - mean) / std).softmax(1)[0]
+                p = loaded.module(normalize(pixels)).softmax(1)[0]
             energy = float(high_frequency_energy(x)[0])
             energies.append(energy)
             name = f"{cls} {CATEGORIES[cls]}"

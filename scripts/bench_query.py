@@ -26,7 +26,9 @@ import torch
 from PIL import Image
 
 from actindex.indexer.build import BuildConfig, build_index
+from actindex.indexer.images import Normalize
 from actindex.indexer.index_file import IndexReader
+from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
 from actindex.query.loading import load_index_model
 from actindex.query.neuron import attribute, query_neuron
 from actindex.query.render import neuron_sheet, save_png
@@ -76,10 +78,7 @@ def main() -> None:
         first = query_neuron(index, args.layer, args.unit, device=args.device)
         with IndexReader(index) as reader:
             model = load_index_model(reader.attrs, None, args.device).module
-        mean = torch.tensor([0.485, 0.456, 0.406], device=args.device).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225], device=args.device).view(1, 3, 1, 1)
-        pixels = torch.stack([image.pixels for image in first.images]).to(args.device)
-        x = (pixels.float() / 255 - mean) / std
+        x = Normalize(IMAGENET_MEAN, IMAGENET_STD, args.device)(torch.stack([image.pixels for image in first.images]))
         ys = torch.tensor([h.y for h in first.hits])
         xs = torch.tensor([h.x for h in first.hits])
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from actindex.indexer.atomic import atomic_write
+from actindex.indexer.images import Normalize
 from actindex.kernels.errors import UserError
 
 from ..dream import DreamConfig, dream
@@ -127,15 +128,13 @@ class Worker:
         plan, hits = self.plan, self.plan.layers[layer].hits
         pairs = [(u, r) for u in units for r in range(plan.hit_count(layer, u))]
         outcome = Outcome(units=len(units))
-        mean = torch.tensor(plan.attrs["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(plan.attrs["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        normalize = Normalize(plan.attrs["mean"], plan.attrs["std"], self.device)
         unguided: dict[str, int] = {}
         for start in range(0, len(pairs), self.batch_size):
             batch = pairs[start:start + self.batch_size]
             ids = [int(hits.image[u, r]) for u, r in batch]
             images = self.images(ids)
-            pixels = torch.stack([image.pixels for image in images]).to(self.device)  # (B, 3, S, S) uint8
-            x = (pixels.float() / 255.0 - mean) / std
+            x = normalize(torch.stack([image.pixels for image in images]))  # (B, 3, S, S)
             channels = torch.tensor([u for u, _ in batch])
             ys = torch.tensor([int(hits.y[u, r]) for u, r in batch])
             xs = torch.tensor([int(hits.x[u, r]) for u, r in batch])
