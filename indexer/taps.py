@@ -1,7 +1,9 @@
-"""Forward hooks that hand each named layer's output to a callback while the forward pass runs.
+"""Forward hooks on named layers: hand each output to a callback while the forward pass runs (`tapped`), or
+run the network only as far as a layer (`layer_value`, `first_reached`).
 
 The callback runs inside the hook, before any later module can touch the tensor: an in-place ReLU after a
 hooked layer therefore cannot change what is recorded, and nothing per position outlives the callback.
+Stopping is an exception raised from the hook, so the layers after it cost nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from contextlib import contextmanager, suppress
 import torch
 from torch import nn
 
-from actindex.kernels.errors import UserError
+from actindex.kernels.errors import UserError, not_found
 
 Callback = Callable[[str, torch.Tensor], None]
 
@@ -67,20 +69,18 @@ def tapped(model: nn.Module, names: Sequence[str], callback: Callback) -> Iterat
 
 
 class _Reached(Exception):
-    """Raised from the hook of `layer_value` once the layer has run: the rest of the network is not needed."""
+    """Raised from a hook once its layer is reached: the rest of the network is not needed."""
 
 
 def layer_value(model: nn.Module, layer: str, x: torch.Tensor,
-                reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                reduce: Callable[[torch.Tensor], torch.Tensor] = lambda output: output) -> torch.Tensor:
     """`reduce(output of layer)` for the input batch `x`, differentiable when `x` requires grad.
 
     `reduce` runs inside the hook, before any later in-place op can rewrite the output, and the forward pass
     stops right after the layer.
     """
-    from actindex.kernels.errors import not_found
-
     modules = dict(model.named_modules())
-    if layer not in modules:
+    if layer not in modules or not layer:
         raise not_found("layer", layer, [name for name in modules if name])
     taken: list[torch.Tensor] = []
 
@@ -93,3 +93,27 @@ def layer_value(model: nn.Module, layer: str, x: torch.Tensor,
     if not taken:
         raise UserError(f"layer '{layer}' does not run in the model's forward pass; choose another")
     return taken[0]
+
+
+def first_reached(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> str | None:
+    """Which of `layers` the forward pass of `x` reaches first (before it runs), or None when it reaches none
+    of them or fails first; the pass stops there."""
+    modules = dict(model.named_modules())
+    reached: list[str] = []
+
+    def hook_for(name: str) -> Callable[[nn.Module, object], None]:
+        def hook(_module: nn.Module, _inputs: object) -> None:
+            reached.append(name)
+            raise _Reached
+
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(hook_for(name)) for name in layers]
+    try:
+        model(x)
+    except Exception:  # noqa: BLE001, S110 - _Reached, or a model that cannot run this input: nothing reached
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return reached[0] if reached else None

@@ -68,6 +68,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import not_found
+from .frozen import frozen
 
 __all__ = ["AxisField", "LayerGeometry", "boxes", "trace_geometry"]
 
@@ -522,19 +523,6 @@ def _call_record(
     record(name, output)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the trace: train-mode batch norm would fold zeros into its running statistics and
-    refuses 1x1 maps at batch size 1; dropout does not matter. Every module's own flag is restored."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 def _select_modules(model: nn.Module, names: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
     if names is None:
         return [(n, m) for n, m in model.named_modules() if n != ""]
@@ -594,7 +582,8 @@ def trace_geometry(
     that do not run (auxiliary heads in eval mode) are then left out, while a requested name that does not
     run raises. A module called several times reports its last call. A layer's geometry is read from its
     output as the forward hook sees it (the first tensor of a tuple/list output), before later in-place ops.
-    The model runs in eval mode under ``torch.inference_mode`` on ``device``; its training flags are restored.
+    The model runs in eval mode under ``torch.inference_mode`` on ``device`` (train-mode batch norm would fold
+    the zeros into its running statistics and refuse 1x1 maps at batch size 1); its flags are restored.
     """
     input_hw = _pair(input_size)
     modules = _select_modules(model, names)
@@ -612,7 +601,7 @@ def trace_geometry(
             seen[name] = _Snapshot(tracer.state_of(first), tuple(first.shape), calls)
 
     try:
-        with _eval_mode(model), torch.inference_mode(), _output_hooks(modules, record):
+        with frozen(model), torch.inference_mode(), _output_hooks(modules, record):
             x = torch.zeros(1, 3, *input_hw, device=device, dtype=dtype)  # (1, 3, H, W)
             tracer.track(x, _Local((AxisField(1, 1, 0), AxisField(1, 1, 0)), (2, 3)))
             with tracer:

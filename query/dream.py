@@ -27,8 +27,7 @@ global RNG is untouched and the same seed gives the same image (bitwise on the C
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,9 +35,10 @@ import torch
 from torch import nn
 
 from actindex.indexer.images import Normalize
-from actindex.indexer.taps import first_tensor
+from actindex.indexer.taps import first_tensor, layer_value
 from actindex.kernels.blur import gaussian_blur
 from actindex.kernels.errors import UserError, not_found
+from actindex.kernels.frozen import frozen
 
 OBJECTIVES = ("center", "mean", "logit")
 INIT_STD = 0.1  # of the initial noise, in normalized units: a faint texture around the mean colour
@@ -84,63 +84,10 @@ class DreamResult:
     history: list[float] = field(default_factory=list)  # objective per step, on that step's jittered input
 
 
-class _Reached(Exception):
-    """Raised from the forward hook once the layer has run: the rest of the network is not needed."""
-
-
-@contextmanager
-def _captured(model: nn.Module, layer: str | None) -> Iterator[list[torch.Tensor]]:
-    """Yields a list that each forward pass fills with the layer's output (nothing when `layer` is None).
-
-    The hook stops the forward pass at the layer, so that an in-place op after it cannot rewrite the
-    output and the layers after it cost nothing. The hook is always removed.
-    """
-    taken: list[torch.Tensor] = []
-    if layer is None:
-        yield taken
-        return
-    modules = dict(model.named_modules())
-    if layer not in modules or not layer:
-        raise not_found("layer", layer, [name for name in modules if name])
-
-    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-        taken.append(first_tensor(output))
-        raise _Reached
-
-    handle = modules[layer].register_forward_hook(hook)
-    try:
-        yield taken
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the duration; each module's and parameter's flag restored."""
-    modes = [(module, module.training) for module in model.modules()]
-    flags = [(param, param.requires_grad) for param in model.parameters()]
-    model.eval()
-    for param, _ in flags:
-        param.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        for module, mode in modes:
-            module.training = mode
-
-
-def _forward(model: nn.Module, taken: list[torch.Tensor], layer: str | None, x: torch.Tensor) -> torch.Tensor:
-    """The layer's output (or the model's when `layer` is None) for input x."""
-    taken.clear()
-    try:
-        output = first_tensor(model(x))
-    except _Reached:
-        return taken[0]
-    if layer is not None:
-        raise UserError(f"layer '{layer}' does not run in the model's forward pass; choose another")
-    return output
+def _forward(model: nn.Module, layer: str | None, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output (or the model's when `layer` is None) for input x; the pass stops at the layer, so an
+    in-place op after it cannot rewrite the output and the layers after it cost nothing."""
+    return first_tensor(model(x)) if layer is None else layer_value(model, layer, x)
 
 
 def _objective(output: torch.Tensor, objective: str, unit: int) -> torch.Tensor:
@@ -220,16 +167,16 @@ def dream(model: nn.Module, layer: str | None, unit: int, mean: Sequence[float],
     x = (torch.randn((1, 3, size, size), generator=generator) * INIT_STD).to(device)  # (1, 3, S, S)
     x = torch.maximum(torch.minimum(x, high), low)
 
-    with _frozen(model), _captured(model, layer) as taken, torch.enable_grad():
+    with frozen(model), torch.enable_grad():
         with torch.no_grad():
-            first = _forward(model, taken, layer, x)
+            first = _forward(model, layer, x)
             _check_output(first, layer, unit)
             start = float(_objective(first, config.objective, unit))
         history: list[float] = []
         for step in range(config.steps):
             dy, dx = (int(v) for v in torch.randint(-config.jitter, config.jitter + 1, (2,), generator=generator))
             shifted = torch.roll(x, shifts=(dy, dx), dims=(2, 3)).requires_grad_(True)  # (1, 3, S, S)
-            value = _objective(_forward(model, taken, layer, shifted), config.objective, unit)
+            value = _objective(_forward(model, layer, shifted), config.objective, unit)
             (grad,) = torch.autograd.grad(value, shifted)
             grad = torch.roll(grad, shifts=(-dy, -dx), dims=(2, 3))  # back to x's pixel grid
             history.append(float(value.detach()))
@@ -244,6 +191,6 @@ def dream(model: nn.Module, layer: str | None, unit: int, mean: Sequence[float],
                 x = clip_small_contribution(x, grad, config.clip_contribution_percentile)
                 x = torch.maximum(torch.minimum(x, high), low)
         with torch.no_grad():
-            final = float(_objective(_forward(model, taken, layer, x), config.objective, unit))
+            final = float(_objective(_forward(model, layer, x), config.objective, unit))
     return DreamResult(image=normalize.to_pixels(x), activation=final, start_activation=start,
                        history=history)

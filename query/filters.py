@@ -17,22 +17,18 @@ value), with `gap` pixels of white background between tiles and around the grid:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from actindex.indexer.taps import first_reached
 from actindex.kernels.errors import UserError, not_found
+from actindex.kernels.frozen import frozen
 
 BACKGROUND = 255  # white: stands apart from the mid-grey of zero weights
-
-
-class _Reached(Exception):
-    """Raised from the first RGB convolution's hook: the rest of the forward pass is not needed."""
 
 
 def _rgb_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
@@ -49,31 +45,13 @@ def first_conv(model: nn.Module, input_size: int = 224) -> str:
     candidates = _rgb_convs(model)
     if not candidates:
         raise UserError("the model has no Conv2d layer with 3 input channels; choose a convolution layer by name")
-    reached: list[str] = []
-
-    def hook_for(name: str) -> Callable[[nn.Module, object], None]:
-        def hook(_module: nn.Module, _inputs: object) -> None:
-            reached.append(name)
-            raise _Reached
-
-        return hook
-
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-    modes = [(module, module.training) for module in model.modules()]
-    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in candidates.items()]
-    try:
-        model.eval()  # a batch of one must not reach a training-mode BatchNorm
-        # _Reached ends the pass at the stem; any failure of the model's own forward only means: use module order
-        with torch.no_grad(), contextlib.suppress(Exception):
-            model(torch.zeros(1, 3, input_size, input_size, device=device, dtype=dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes:
-            module.training = mode
-    return reached[0] if reached else next(iter(candidates))
+    with frozen(model), torch.no_grad():  # eval: a batch of one must not reach a training-mode BatchNorm
+        reached = first_reached(model, list(candidates), torch.zeros(1, 3, input_size, input_size, device=device,
+                                                                     dtype=dtype))
+    return reached or next(iter(candidates))
 
 
 def layer_weight(model: nn.Module, layer: str) -> torch.Tensor:

@@ -22,6 +22,7 @@ from actindex.indexer.images import Normalize
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.taps import layer_value
 from actindex.kernels.errors import UserError
+from actindex.kernels.frozen import frozen
 from actindex.kernels.guided import GuidedBackprop
 
 from .loading import LoadedImage, data_root, load_index_images, load_index_model
@@ -62,13 +63,10 @@ def attribute(model: nn.Module, layer: str, unit: int | torch.Tensor, x: torch.T
     """Plain gradient (unless `plain` is False) and guided backprop of a unit, for all images of a batch in one
     backward pass each; `unit` may be a (B,) tensor giving each image its own channel.
 
-    `x` is the normalized (B, 3, S, S) input. Images do not interact (eval mode), so summing the per-image
-    activations before `backward` gives each image its own gradient.
+    `x` is the normalized (B, 3, S, S) input. Images do not interact (eval mode, `frozen`), so summing the
+    per-image activations before `backward` gives each image its own gradient.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # gradients of the weights are not wanted: skip computing them
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         gradient = None
         if plain:
             plain_input = x.detach().clone().requires_grad_(True)
@@ -78,9 +76,6 @@ def attribute(model: nn.Module, layer: str, unit: int | torch.Tensor, x: torch.T
         with GuidedBackprop() as mode:
             guided_values = unit_activations(model, layer, unit, guided_input, ys, xs)
         (guided,) = torch.autograd.grad(guided_values.sum(), guided_input)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
     return Attribution(guided_values.detach(), gradient, guided, dict(mode.unguided))
 
 

@@ -149,23 +149,18 @@ def _explain(result: SimilarResult, model: nn.Module, query: np.ndarray, attrs: 
     import torch
 
     from actindex.indexer.images import Normalize
+    from actindex.kernels.frozen import frozen
     from actindex.kernels.guided import GuidedBackprop
 
     pixels = torch.stack([image.pixels for image in result.images])  # (k, 3, S, S) uint8
     x = Normalize(attrs["mean"], attrs["std"], device)(pixels).requires_grad_(True)
     q = torch.as_tensor(query, dtype=torch.float32, device=device)  # (D,)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         with GuidedBackprop() as mode:
             vectors = embed(model, result.layer, x)  # (k, D)
         unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
         scores = unit @ q  # (k,) each hit's own score: images do not interact
         (maps,) = torch.autograd.grad(scores.sum(), x)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
     terms = (unit.detach() * q).cpu().numpy()  # (k, D), each row sums to that hit's score
     hits = []
     for hit, row in zip(result.hits, terms, strict=True):
