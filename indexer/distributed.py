@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from actindex.kernels.errors import Interrupted, UserError, one_line
 
+from .devices import resolve_device
 from .signals import describe
 
 T = TypeVar("T")
@@ -192,33 +193,6 @@ class Job:
         received = [torch.empty_like(tensor) for _ in range(self.world_size)] if self.is_main else None
         dist.gather(tensor, received, dst=0)
         return received
-
-
-def resolve_device(requested: str | None, local_rank: int = 0, world_size: int = 1) -> torch.device:
-    """The device for this process: cuda:LOCAL_RANK when CUDA is asked for (or present) under torchrun."""
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(requested)
-    except RuntimeError as error:
-        raise UserError(f"unknown device '{requested}'; use cpu, cuda or cuda:N") from error
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device '{requested}' asked for but CUDA is not available; use --device cpu")
-        if world_size > 1:
-            if device.index is not None:
-                raise UserError(f"under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda, not "
-                                f"'{requested}' (use CUDA_VISIBLE_DEVICES to choose the GPUs)")
-            count = torch.cuda.device_count()
-            if local_rank >= count:
-                raise UserError(f"local rank {local_rank} has no GPU: this node shows {count}; start at most "
-                                f"{count} processes per node (--nproc_per_node)")
-            device = torch.device("cuda", local_rank)
-        elif device.index is None:  # 'cuda': the current GPU, named, so set_device and collectives accept it
-            device = torch.device("cuda", torch.cuda.current_device())
-    elif device.type != "cpu":
-        raise UserError(f"unsupported device '{requested}'; use cpu, cuda or cuda:N")
-    return device
 
 
 def launched_by_torchrun() -> bool:

@@ -32,7 +32,7 @@ def demo(out: Path, images_per_photo: int, workers: int, device: str | None, ove
 
 
 def _device(requested: str | None) -> str:
-    from actindex.indexer.distributed import resolve_device
+    from actindex.indexer.devices import resolve_device
 
     return str(resolve_device(requested))
 

@@ -130,7 +130,7 @@ def site_atlas(index: Path, site: Path, device: str | None = None, overwrite: bo
                echo: Echo = print) -> Path:
     """The demo's atlas: every layer with a tile per unit, pages for the first units of each layer and the
     tour's units, then (a second, incremental run) the espresso logit's page with its dream."""
-    from actindex.indexer.distributed import resolve_device
+    from actindex.indexer.devices import resolve_device
     from actindex.indexer.index_file import IndexReader
 
     from .atlas import AtlasConfig, build_atlas
@@ -157,7 +157,7 @@ def pictures(index: Path, out: Path, device: str | None = None, echo: Echo = pri
     """What a person looks at: a few units' patches with guided backprop, the first-layer filters, a dream."""
     from PIL import Image
 
-    from actindex.indexer.distributed import resolve_device
+    from actindex.indexer.devices import resolve_device
     from actindex.indexer.index_file import IndexReader
 
     from .dream import DreamConfig, dream
