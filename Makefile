@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# mypy reads the three folders as the package they install as (kernels/ is actindex.kernels, ...), so that types
+# cross from one folder to another; build/typecheck holds the links that make that package.
+TYPECHECK := build/typecheck
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,17 +19,21 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/actindex demo --out demo-output
 
-test: $(STAMP)
-	$(PY) -m ruff check .
-	$(PY) -m mypy kernels indexer query
+test: lint
 	$(PY) -m pytest -q
+
+# The everyday loop: the suite without the slow, distributed and browser tests (about a minute here).
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow and not distributed and not browser"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m mypy kernels indexer query
+	@mkdir -p $(TYPECHECK)/actindex
+	@for name in kernels indexer query; do ln -sfn $(CURDIR)/$$name $(TYPECHECK)/actindex/$$name; done
+	MYPYPATH=$(TYPECHECK) $(PY) -m mypy -p actindex
 
 bench: $(STAMP)
 	$(PY) scripts/bench_index.py
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-output build .pytest_cache .mypy_cache .ruff_cache

@@ -7,6 +7,7 @@ target path that looks valid.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,85 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise UserError(f"--out '{out}' is a directory; give a file path such as {out / 'index.h5'}")
     if out.exists() and not overwrite:
         raise UserError(f"'{out}' already exists; pass --overwrite to replace it")
+
+
+@dataclass(frozen=True)
+class FaissRecord:
+    """What an index records about the FAISS file beside it (the `faiss_*` attributes)."""
+
+    name: str  # file name, in the index's folder
+    layer: str  # the embedding layer it indexes
+    factory: str
+    nprobe: int | None  # None: not an IVF index
+    count: int  # vectors in it
+    recall_at_10: float | None  # measured against exact search; None for exact indexes
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"faiss_index": self.name, "faiss_layer": self.layer, "faiss_factory": self.factory,
+                "faiss_nprobe": -1 if self.nprobe is None else self.nprobe, "faiss_count": self.count,
+                "faiss_recall_at_10": -1.0 if self.recall_at_10 is None else self.recall_at_10}
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """How and when the index was built (informational attributes)."""
+
+    created: str
+    seconds: float
+    images_per_second: float
+    device: str
+    world_size: int
+    actindex_version: str
+    torch_version: str
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """An index's root attributes, typed: what it was built from and with (docs/FORMAT.md names each)."""
+
+    path: Path  # the HDF5 file
+    format_version: int
+    model: str  # model spec as given
+    weights: str  # torchvision enum, 'timm:NAME', absolute path of a state-dict file, or "" (random init)
+    weights_sha256: str  # of a weights file, else ""
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    k: int
+    data_root: Path
+    num_images: int
+    num_skipped: int
+    layers: tuple[str, ...]  # indexed layers, in build order
+    embed_layer: str  # "" when no vectors were stored
+    categories: tuple[str, ...]  # class names of the weights, may be empty
+    build: BuildRecord
+    faiss: FaissRecord | None  # None: no FAISS file was built
+
+    @property
+    def faiss_path(self) -> Path | None:
+        return self.path.parent / self.faiss.name if self.faiss is not None else None
+
+    @classmethod
+    def from_attrs(cls, path: Path, attrs: dict[str, Any]) -> IndexInfo:
+        """The one place that reads root attributes by name; informational ones may be absent in old files."""
+        faiss = None
+        if attrs.get("faiss_index"):
+            nprobe, recall = int(attrs.get("faiss_nprobe", -1)), float(attrs.get("faiss_recall_at_10", -1.0))
+            faiss = FaissRecord(str(attrs["faiss_index"]), str(attrs.get("faiss_layer", "")),
+                                str(attrs.get("faiss_factory", "")), nprobe if nprobe >= 0 else None,
+                                int(attrs.get("faiss_count", 0)), recall if recall >= 0 else None)
+        build = BuildRecord(str(attrs.get("created", "")), float(attrs.get("seconds", 0.0)),
+                            float(attrs.get("images_per_second", 0.0)), str(attrs.get("device", "")),
+                            int(attrs.get("world_size", 1)), str(attrs.get("actindex_version", "")),
+                            str(attrs.get("torch_version", "")))
+        mean, std = (tuple(float(v) for v in attrs[key]) for key in ("mean", "std"))
+        return cls(path=path, format_version=int(attrs["format_version"]), model=str(attrs["model"]),
+                   weights=str(attrs.get("weights", "")), weights_sha256=str(attrs.get("weights_sha256", "")),
+                   input_size=int(attrs["input_size"]), mean=mean, std=std,  # type: ignore[arg-type]
+                   k=int(attrs["k"]), data_root=Path(str(attrs["data_root"])), num_images=int(attrs["num_images"]),
+                   num_skipped=int(attrs.get("num_skipped", 0)),
+                   layers=tuple(json.loads(attrs.get("layers", "[]"))), embed_layer=str(attrs.get("embed_layer", "")),
+                   categories=tuple(json.loads(attrs.get("categories", "[]"))), build=build, faiss=faiss)
 
 
 class IndexWriter:
@@ -130,10 +210,16 @@ class IndexReader:
 
     @property
     def attrs(self) -> dict[str, Any]:
+        """The root attributes as stored, by name; `info` is the typed view every query uses."""
         return {key: _plain(value) for key, value in self.h5.attrs.items()}
 
     @property
+    def info(self) -> IndexInfo:
+        return IndexInfo.from_attrs(self.path, self.attrs)
+
+    @property
     def config(self) -> dict[str, Any]:
+        """The whole build configuration, as recorded (JSON of `BuildConfig`)."""
         return json.loads(self.h5.attrs["config"])
 
     @property
@@ -186,7 +272,7 @@ class IndexReader:
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary, used by `actindex info`."""
-        attrs = self.attrs
+        info = self.info
         layers = []
         for name in self.layer_names:
             a = self.h5[f"layers/{name}"].attrs
@@ -195,19 +281,20 @@ class IndexReader:
                            "width": int(a["width"]), "rf_size": list(_pair(a["rf_size"])),
                            "rf_stride": list(_pair(a["rf_stride"])), "rf_padding": list(_pair(a["rf_padding"])),
                            "k": int(value.shape[1])})
-        keys = ("format", "format_version", "model", "weights", "input_size", "mean", "std", "k", "data_root",
-                "num_images", "num_skipped")
-        summary: dict[str, Any] = {key: attrs[key] for key in keys if key in attrs}
-        summary["path"] = str(self.path)
-        summary["layers"] = layers
-        summary["embeddings"] = {name: list(self.h5[f"embeddings/{name}"].shape) for name in self.embedding_names}
-        summary["faiss"] = {key[len("faiss_"):]: attrs[key] for key in ("faiss_index", "faiss_layer", "faiss_factory",
-                                                                      "faiss_nprobe", "faiss_count",
-                                                                      "faiss_recall_at_10") if key in attrs}
-        if summary["faiss"].get("index"):  # named by the file; it may have been deleted or not copied with it
-            summary["faiss"]["present"] = (self.path.parent / str(summary["faiss"]["index"])).is_file()
-        summary["build"] = {key: attrs[key] for key in ("created", "seconds", "images_per_second", "device",
-                                                         "actindex_version", "torch_version") if key in attrs}
+        summary: dict[str, Any] = {
+            "format": FORMAT_NAME, "format_version": info.format_version, "model": info.model,
+            "weights": info.weights, "input_size": info.input_size, "mean": list(info.mean), "std": list(info.std),
+            "k": info.k, "data_root": str(info.data_root), "num_images": info.num_images,
+            "num_skipped": info.num_skipped, "path": str(self.path), "layers": layers,
+            "embeddings": {name: list(self.h5[f"embeddings/{name}"].shape) for name in self.embedding_names},
+            "faiss": {}, "build": dataclasses.asdict(info.build)}
+        if info.faiss is not None and info.faiss_path is not None:
+            record = info.faiss
+            summary["faiss"] = {"index": record.name, "layer": record.layer, "factory": record.factory,
+                                "nprobe": -1 if record.nprobe is None else record.nprobe, "count": record.count,
+                                "recall_at_10": -1.0 if record.recall_at_10 is None else record.recall_at_10,
+                                # named by the file; it may have been deleted, or not copied with it
+                                "present": info.faiss_path.is_file()}
         return summary
 
 

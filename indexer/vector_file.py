@@ -15,6 +15,7 @@ import h5py
 
 from actindex.kernels.errors import UserError
 
+from .index_file import FaissRecord, IndexInfo, IndexReader
 from .vectors import Progress, VectorIndexInfo, build_vector_index, read_vector_index, write_vector_index
 
 NONE = "none"  # --faiss-factory none: no FAISS file
@@ -35,30 +36,27 @@ def index_for(dataset: h5py.Dataset, index: Path, factory: str | None,
 
 
 def attributes(info: VectorIndexInfo, layer: str, final: Path) -> dict[str, Any]:
-    return {"faiss_index": final.name, "faiss_layer": layer, "faiss_factory": info.factory,
-            "faiss_nprobe": -1 if info.nprobe is None else info.nprobe, "faiss_count": info.count,
-            "faiss_recall_at_10": -1.0 if info.recall_at_10 is None else info.recall_at_10}
+    return FaissRecord(final.name, layer, info.factory, info.nprobe, info.count, info.recall_at_10).to_attrs()
 
 
-def open_vector_index(index: Path, attrs: dict[str, Any], layer: str | None, dim: int) -> tuple[Any, str]:
-    """The FAISS index for `layer` (default: the one recorded), checked against the HDF5 file's vectors."""
-    recorded = str(attrs.get("faiss_index", ""))
-    built_from = str(attrs.get("faiss_layer", ""))
-    if not recorded:
+def open_vector_index(info: IndexInfo, layer: str | None, dim: int) -> tuple[Any, str]:
+    """The FAISS index of the index `info` describes, for `layer` (default: the one recorded), checked against
+    its HDF5 file's vectors of `dim` dimensions. Returns it and the layer it indexes."""
+    index, record, path = info.path, info.faiss, info.faiss_path
+    if record is None or path is None:
         raise UserError(f"'{index}' has no FAISS index; build one with: actindex faiss {index}")
-    if layer is not None and layer != built_from:
-        raise UserError(f"the FAISS index of '{index}' was built from layer '{built_from}', not '{layer}'; "
+    if layer is not None and layer != record.layer:
+        raise UserError(f"the FAISS index of '{index}' was built from layer '{record.layer}', not '{layer}'; "
                         f"rebuild it with: actindex faiss {index} --layer {layer}")
-    path = index.parent / recorded
     if not path.is_file():
         raise UserError(f"the FAISS index '{path}' named by '{index}' is missing; rebuild it with: "
                         f"actindex faiss {index}")
     vectors = read_vector_index(path)
-    if vectors.d != dim or vectors.ntotal != int(attrs.get("faiss_count", vectors.ntotal)):
+    if vectors.d != dim or vectors.ntotal != record.count:
         raise UserError(f"'{path}' does not belong to '{index}' ({vectors.ntotal} vectors of {vectors.d} "
-                        f"dimensions, the index's '{built_from}' has {dim}); rebuild it with: actindex faiss "
+                        f"dimensions, the index's '{record.layer}' has {dim}); rebuild it with: actindex faiss "
                         f"{index}")
-    return vectors, built_from
+    return vectors, record.layer
 
 
 def require_vectors(reader: Any) -> None:
@@ -72,12 +70,12 @@ def require_vectors(reader: Any) -> None:
 def rebuild(index: Path, layer: str | None = None, factory: str | None = None,
             progress: Progress | None = None) -> tuple[Path, VectorIndexInfo, str]:
     """`actindex faiss`: (re)build the FAISS file of `index` from its stored vectors, without the network."""
-    from .index_file import IndexReader
 
     with IndexReader(index) as reader:
         require_vectors(reader)
         names = reader.embedding_names
-        chosen = layer or str(reader.attrs.get("faiss_layer") or reader.attrs.get("embed_layer") or names[0])
+        recorded = reader.info
+        chosen = layer or (recorded.faiss.layer if recorded.faiss else "") or recorded.embed_layer or names[0]
         dataset = reader.embeddings(chosen)  # not_found lists the layers with vectors
         vectors, info = build_vector_index(dataset, factory, progress)
     final = vector_index_path(index)

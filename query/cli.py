@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from actindex.indexer.cli import COMMANDS, ActindexGroup, debug_option
+
+if TYPE_CHECKING:  # the commands import what they run when they run, so that --help is instant
+    from actindex.indexer.index_file import IndexInfo
+    from actindex.indexer.models import LoadedModel
 
 
 @click.command()
@@ -87,8 +91,9 @@ def _picture_path(out: Path | None, as_json: bool, default: str) -> Path | None:
     return Path(default)
 
 
-def _model_for(index: Path | None, model: str | None, weights: str | None, device: str) -> tuple[Any, dict]:
-    """(LoadedModel, index attributes or {}) from an index, or from --model/--weights."""
+def _model_for(index: Path | None, model: str | None, weights: str | None,
+               device: str) -> tuple[LoadedModel, IndexInfo | None]:
+    """(the network, the index's description or None) from an index, or from --model/--weights."""
     from actindex.indexer.models import load_model
     from actindex.kernels.errors import UserError
 
@@ -98,13 +103,13 @@ def _model_for(index: Path | None, model: str | None, weights: str | None, devic
         from .loading import load_index_model
 
         with IndexReader(index) as reader:
-            attrs = reader.attrs
-        if model is not None and model != attrs["model"]:
-            raise UserError(f"--model '{model}' is not the index's model '{attrs['model']}'; give one or the other")
-        return load_index_model(attrs, weights, device), attrs
+            info = reader.info
+        if model is not None and model != info.model:
+            raise UserError(f"--model '{model}' is not the index's model '{info.model}'; give one or the other")
+        return load_index_model(info, weights, device), info
     if model is None:
         raise UserError("give an index (INDEX.h5) or --model NAME [--weights W]")
-    return load_model(model, weights, device), {}
+    return load_model(model, weights, device), None
 
 
 @click.command()
@@ -121,8 +126,8 @@ def filters(index: Path | None, model: str | None, weights: str | None, layer: s
     from .filters import filter_grid, first_conv, layer_weight
     from .render import save_png
 
-    loaded, attrs = _model_for(index, model, weights, "cpu")
-    name = layer or first_conv(loaded.module, int(attrs.get("input_size", 224)))
+    loaded, info = _model_for(index, model, weights, "cpu")
+    name = layer or first_conv(loaded.module, info.input_size if info else 224)
     weight = layer_weight(loaded.module, name)
     save_png(filter_grid(weight, scale=scale), out)
     o, i, kh, kw = weight.shape
@@ -173,16 +178,15 @@ def dream(index: Path | None, model: str | None, weights: str | None, layer: str
     if (class_index is None) == (layer is None and unit is None) or (layer is None) != (unit is None):
         raise UserError("give --layer L --unit U, or --class C")
     target = _device(device)
-    loaded, attrs = _model_for(index, model, weights, target)
+    loaded, info = _model_for(index, model, weights, target)
     changes: dict[str, Any] = {key: value for key, value in (
         ("steps", steps), ("lr", lr), ("blur_every", blur_every), ("blur_sigma", blur_sigma),
         ("l2_decay", l2_decay), ("jitter", jitter), ("clip_norm_percentile", clip_norm),
         ("clip_contribution_percentile", clip_contribution),
-        ("input_size", input_size or attrs.get("input_size"))) if value is not None}
+        ("input_size", input_size or (info.input_size if info else None))) if value is not None}
     config = dataclasses.replace(DreamConfig(), objective="logit" if class_index is not None else objective,
                                  seed=seed, **changes)
-    mean = attrs.get("mean", loaded.mean)
-    std = attrs.get("std", loaded.std)
+    mean, std = (info.mean, info.std) if info else (loaded.mean, loaded.std)
     chosen = class_index if class_index is not None else unit
     assert chosen is not None
     result = run_dream(loaded.module, layer, chosen, mean, std, config, target)

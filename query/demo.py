@@ -170,7 +170,7 @@ def pictures(index: Path, out: Path, device: str | None = None, echo: Echo = pri
     target = str(resolve_device(device))
     with IndexReader(index) as reader:
         paths = reader.image_paths()
-        attrs = reader.attrs
+        info = reader.info
         units = [(LOGIT_LAYER, 285), (LOGIT_LAYER, 967)]  # Egyptian cat, espresso
         for name in ("blocks.2", "blocks.4", "conv_head"):
             units += [(name, unit) for unit, _, _ in _pure_units(reader.layer(name).image, paths)[:1]]
@@ -185,13 +185,13 @@ def pictures(index: Path, out: Path, device: str | None = None, echo: Echo = pri
         echo(f"  {path}: {layer} unit {unit}, best {result.hits[0].path} ({result.hits[0].score:.3g})")
         if result.unguided:
             echo(f"    note: {describe_unguided(result.unguided)}")
-    loaded = load_index_model(attrs, None, target)
+    loaded = load_index_model(info, None, target)
     stem = first_conv(loaded.module)
     path = out / "filters.png"
     save_png(filter_grid(layer_weight(loaded.module, stem), scale=12), path)
     written.append(path)
     echo(f"  {path}: the {stem} filters, mid-grey = 0")
-    dreamed = dream(loaded.module, None, 967, attrs["mean"], attrs["std"], DreamConfig(objective="logit"), target)
+    dreamed = dream(loaded.module, None, 967, info.mean, info.std, DreamConfig(objective="logit"), target)
     path = out / "dream-espresso.png"
     save_png(Image.fromarray(dreamed.image), path)
     written.append(path)

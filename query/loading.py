@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from actindex.indexer.images import CropGeometry, ImageReadError, crop_geometry, load_rgb, preprocess
+from actindex.indexer.index_file import IndexInfo
 from actindex.indexer.models import LoadedModel, load_model, sha256_file
 from actindex.kernels.errors import UserError
 
@@ -30,11 +31,10 @@ def weights_argument(recorded: str) -> str | None:
     return recorded
 
 
-def load_index_model(attrs: dict[str, Any], weights: str | None = None,
+def load_index_model(info: IndexInfo, weights: str | None = None,
                      device: torch.device | str = "cpu") -> LoadedModel:
     """The index's network. `weights` replaces a weights file that moved; its contents must be the same."""
-    recorded = str(attrs.get("weights", ""))
-    expected_sha = str(attrs.get("weights_sha256", ""))
+    recorded, expected_sha = info.weights, info.weights_sha256
     argument = weights or weights_argument(recorded)
     if argument and expected_sha and not Path(argument).is_file():
         raise UserError(f"the index was built with the weights file '{recorded}', which is not there any more; "
@@ -42,7 +42,7 @@ def load_index_model(attrs: dict[str, Any], weights: str | None = None,
     if argument and expected_sha and sha256_file(Path(argument)) != expected_sha:
         raise UserError(f"weights '{argument}' are not the file the index was built with (sha256 differs); "
                         "pass --weights PATH to the original file, or rebuild the index")
-    return load_model(str(attrs["model"]), argument, device)
+    return load_model(info.model, argument, device)
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ class LoadedImage:
     original: Any  # the decoded RGB PIL image, at its own resolution
 
 
-def data_root(attrs: dict[str, Any], override: Path | None) -> Path:
-    return Path(override) if override is not None else Path(str(attrs["data_root"]))
+def data_root(info: IndexInfo, override: Path | None) -> Path:
+    return Path(override) if override is not None else info.data_root
 
 
 def load_index_images(root: Path, paths: list[str], input_size: int, root_given: bool) -> list[LoadedImage]:

@@ -122,7 +122,7 @@ def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data:
     """The unit's top hits from `index`, each re-run through the network and checked, with their maps."""
     with IndexReader(index) as reader:
         hits = reader.layer(layer)
-        attrs = reader.attrs
+        info = reader.info
         paths = reader.image_paths()
     if not 0 <= unit < hits.channels:
         raise UserError(f"unit {unit} is out of range: layer '{layer}' has {hits.channels} units "
@@ -134,10 +134,10 @@ def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data:
     if count < 1:
         raise UserError(f"--k must be at least 1, got {k}")
     ids = [int(i) for i in hits.image[unit][:count]]
-    input_size = int(attrs["input_size"])
-    images = load_index_images(data_root(attrs, data), [paths[i] for i in ids], input_size, data is not None)
-    loaded = load_index_model(attrs, weights, device)
-    x = Normalize(attrs["mean"], attrs["std"], device)(torch.stack([image.pixels for image in images]))
+    input_size = info.input_size
+    images = load_index_images(data_root(info, data), [paths[i] for i in ids], input_size, data is not None)
+    loaded = load_index_model(info, weights, device)
+    x = Normalize(info.mean, info.std, device)(torch.stack([image.pixels for image in images]))
     ys = torch.as_tensor(hits.y[unit][:count], dtype=torch.int64)
     xs = torch.as_tensor(hits.x[unit][:count], dtype=torch.int64)
     result = attribute(loaded.module, layer, unit, x, ys, xs)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from actindex.indexer.index_file import IndexReader
+from actindex.indexer.index_file import IndexInfo, IndexReader
 from actindex.indexer.vector_file import open_vector_index, require_vectors
 from actindex.indexer.vectors import normalize, search
 from actindex.kernels.errors import UserError, not_found
@@ -78,15 +78,15 @@ def find_similar(index: Path, image: Path | None = None, image_id: int | None = 
     if k < 1:
         raise UserError(f"--k must be at least 1, got {k}")
     with IndexReader(index) as reader:
-        attrs = reader.attrs
+        info = reader.info
         paths = reader.image_paths()
         require_vectors(reader)
-        name = layer or str(attrs.get("faiss_layer") or attrs.get("embed_layer") or "")
+        name = layer or (info.faiss.layer if info.faiss else "") or info.embed_layer
         if name not in reader.embedding_names:
             raise not_found("embedding layer", name, reader.embedding_names,
                             hint=f"'{index}' stores vectors of these layers")
         stored = reader.embeddings(name)
-        vectors, name = open_vector_index(index, attrs, name, int(stored.shape[1]))
+        vectors, name = open_vector_index(info, name, int(stored.shape[1]))
         query: dict[str, object] = {}
         if image_id is not None:
             if not 0 <= image_id < len(paths):
@@ -99,8 +99,8 @@ def find_similar(index: Path, image: Path | None = None, image_id: int | None = 
     model = None
     query_image = None
     if image is not None:
-        query_image, x = _read_query(image, attrs, device)
-        model = _load_model(attrs, weights, device)
+        query_image, x = _read_query(image, info, device)
+        model = _load_model(info, weights, device)
         query_vector = _embed_query(model, name, x)
         query = {"image": str(image)}
     scores, ids = search(vectors, query_vector, k)
@@ -110,22 +110,22 @@ def find_similar(index: Path, image: Path | None = None, image_id: int | None = 
     if pictures or explain:
         from .loading import data_root, load_index_images
 
-        root, input_size = data_root(attrs, data), int(attrs["input_size"])
+        root, input_size = data_root(info, data), info.input_size
         result.images = load_index_images(root, [paths[i] for i, _ in found], input_size, data is not None)
         if image_id is not None:
             result.query_image = load_index_images(root, [paths[image_id]], input_size, data is not None)[0].original
     if explain and hits:
-        _explain(result, model or _load_model(attrs, weights, device), normalize(query_vector)[0], attrs, device)
+        _explain(result, model or _load_model(info, weights, device), normalize(query_vector)[0], info, device)
     return result
 
 
-def _load_model(attrs: dict[str, Any], weights: str | None, device: str) -> nn.Module:
+def _load_model(info: IndexInfo, weights: str | None, device: str) -> nn.Module:
     from .loading import load_index_model
 
-    return load_index_model(attrs, weights, device).module
+    return load_index_model(info, weights, device).module
 
 
-def _read_query(image: Path, attrs: dict[str, Any], device: str) -> tuple[Any, torch.Tensor]:
+def _read_query(image: Path, info: IndexInfo, device: str) -> tuple[Any, torch.Tensor]:
     """A new image as a PIL image and as the normalized (1, 3, S, S) network input of the build."""
     from actindex.indexer.images import ImageReadError, Normalize, load_rgb, preprocess
 
@@ -133,8 +133,8 @@ def _read_query(image: Path, attrs: dict[str, Any], device: str) -> tuple[Any, t
         picture = load_rgb(image)
     except (ImageReadError, OSError) as error:
         raise UserError(f"cannot read --image '{image}': {error}") from error
-    pixels = preprocess(picture, int(attrs["input_size"])).unsqueeze(0)  # (1, 3, S, S) uint8
-    return picture, Normalize(attrs["mean"], attrs["std"], device)(pixels)
+    pixels = preprocess(picture, info.input_size).unsqueeze(0)  # (1, 3, S, S) uint8
+    return picture, Normalize(info.mean, info.std, device)(pixels)
 
 
 def _embed_query(model: nn.Module, layer: str, x: torch.Tensor) -> np.ndarray:
@@ -144,7 +144,7 @@ def _embed_query(model: nn.Module, layer: str, x: torch.Tensor) -> np.ndarray:
         return embed(model, layer, x).cpu().numpy().astype(np.float32)  # (1, D)
 
 
-def _explain(result: SimilarResult, model: nn.Module, query: np.ndarray, attrs: dict[str, Any], device: str) -> None:
+def _explain(result: SimilarResult, model: nn.Module, query: np.ndarray, info: IndexInfo, device: str) -> None:
     """Guided backprop of q̂ · v̂(x) for every hit image x at once, and the units with the largest terms."""
     import torch
 
@@ -153,7 +153,7 @@ def _explain(result: SimilarResult, model: nn.Module, query: np.ndarray, attrs: 
     from actindex.kernels.guided import GuidedBackprop
 
     pixels = torch.stack([image.pixels for image in result.images])  # (k, 3, S, S) uint8
-    x = Normalize(attrs["mean"], attrs["std"], device)(pixels).requires_grad_(True)
+    x = Normalize(info.mean, info.std, device)(pixels).requires_grad_(True)
     q = torch.as_tensor(query, dtype=torch.float32, device=device)  # (D,)
     with frozen(model):
         with GuidedBackprop() as mode:

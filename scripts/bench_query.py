@@ -77,7 +77,7 @@ def main() -> None:
                                 batch_size=32, workers=1, device=args.device, embed_layer=""))
         first = query_neuron(index, args.layer, args.unit, device=args.device)
         with IndexReader(index) as reader:
-            model = load_index_model(reader.attrs, None, args.device).module
+            model = load_index_model(reader.info, None, args.device).module
         x = Normalize(IMAGENET_MEAN, IMAGENET_STD, args.device)(torch.stack([image.pixels for image in first.images]))
         ys = torch.tensor([h.y for h in first.hits])
         xs = torch.tensor([h.x for h in first.hits])

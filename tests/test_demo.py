@@ -44,6 +44,7 @@ def test_demo_layers_are_the_default_stages_plus_the_logits(weights: Path) -> No
     assert (*resolve_layers(module, None, 224), "classifier") == LAYERS
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(demo_run: tuple[Path, str]) -> None:
     out, text = demo_run
     index = out / "index.h5"
@@ -68,6 +69,7 @@ def test_demo_runs_end_to_end(demo_run: tuple[Path, str]) -> None:
         assert int(loaded.module(x.unsqueeze(0))[0].argmax()) == 967
 
 
+@pytest.mark.slow
 def test_demo_builds_its_atlas_in_two_runs(demo_run: tuple[Path, str]) -> None:
     out, text = demo_run
     site = out / "atlas"

@@ -93,8 +93,8 @@ def build_atlas(config: AtlasConfig, progress: bool = False) -> AtlasSummary:
     with IndexReader(config.index) as reader:
         identity = index_identity(reader)
         manifest = _open_site(config, identity)
-        manifest.data_root = str(reader.attrs.get("data_root", ""))
-        manifest.weights = str(reader.attrs.get("weights", ""))
+        info = reader.info
+        manifest.data_root, manifest.weights = str(info.data_root), info.weights
         names = reader.layer_names
         chosen = list(config.layers) if config.layers else names
         for name in chosen:
@@ -111,7 +111,7 @@ def build_atlas(config: AtlasConfig, progress: bool = False) -> AtlasSummary:
             if config.dream:
                 manifest.dreams[name] = sorted(set(manifest.dreams.get(name, [])) | units)
         plan = Plan(index=config.index.resolve(), site=site, image_format=manifest.image_format,
-                    attrs=reader.attrs, paths=reader.image_paths(), labels=reader.image_labels(),
+                    info=info, paths=reader.image_paths(), labels=reader.image_labels(),
                     classes=reader.classes(), skipped=reader.skipped(), layers=layers,
                     pages={name: units for name, units in manifest.units.items() if units},
                     dreams={name: set(units) for name, units in manifest.dreams.items()},
@@ -200,11 +200,11 @@ def _neighbours(plan: Plan, reader: IndexReader, k: int) -> None:
     from actindex.indexer.vector_file import open_vector_index
     from actindex.indexer.vectors import search
 
-    layer = str(plan.attrs.get("faiss_layer", ""))
-    if not plan.attrs.get("faiss_index") or layer not in reader.embedding_names or not plan.image_pages or k == 0:
+    record = plan.info.faiss
+    if record is None or record.layer not in reader.embedding_names or not plan.image_pages or k == 0:
         return
-    stored = reader.embeddings(layer)
-    vectors, plan.similarity_layer = open_vector_index(plan.index, plan.attrs, layer, int(stored.shape[1]))
+    stored = reader.embeddings(record.layer)
+    vectors, plan.similarity_layer = open_vector_index(plan.info, record.layer, int(stored.shape[1]))
     plan.neighbours = {}
     for start in range(0, len(plan.image_pages), 4096):
         ids = plan.image_pages[start:start + 4096]

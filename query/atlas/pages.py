@@ -74,7 +74,7 @@ def tile(plan: Plan, layer: str, unit: int, depth: int, label: str = "") -> str:
 
 
 def front_page(plan: Plan) -> str:
-    attrs = plan.attrs
+    info = plan.info
     rows = []
     for name, layer in plan.layers.items():
         hits = layer.hits
@@ -82,30 +82,30 @@ def front_page(plan: Plan) -> str:
         rows.append(f'<tr><td><a href="{plan.layer_url(name)}">{esc(name)}</a></td><td>{hits.channels}</td>'
                     f"<td>{hits.height}×{hits.width}</td><td>{esc(rf_text(plan, name))}</td><td>{pages}</td></tr>")
     base = plan.index.parent
-    facts = [("model", attrs.get("model", "")),
-             ("weights", shown_path(str(attrs.get("weights", "")), base) or "random (seed 0)"),
-             ("data", shown_path(str(attrs.get("data_root", "")), base)), ("images", f"{attrs.get('num_images', '')} "
-                                                              f"({attrs.get('num_skipped', 0)} skipped)"),
-             ("input", f"{attrs.get('input_size', '')} px"), ("top-k", attrs.get("k", ""))]
-    build = [("built", attrs.get("created", "")), ("time", f"{float(attrs.get('seconds', 0)):.1f} s"),
-             ("throughput", f"{float(attrs.get('images_per_second', 0)):.1f} images/s"),
-             ("device", f"{attrs.get('device', '')} × {attrs.get('world_size', 1)} process(es)"),
-             ("software", f"actindex {attrs.get('actindex_version', '')}, torch {attrs.get('torch_version', '')}")]
-    if plan.neighbours is not None:
-        build.append(("similarity", f"{attrs.get('faiss_factory', '')} over '{plan.similarity_layer}' "
-                                    f"({attrs.get('faiss_count', '')} vectors)"))
+    record = info.build
+    facts = [("model", info.model), ("weights", shown_path(info.weights, base) or "random (seed 0)"),
+             ("data", shown_path(str(info.data_root), base)),
+             ("images", f"{info.num_images} ({info.num_skipped} skipped)"), ("input", f"{info.input_size} px"),
+             ("top-k", info.k)]
+    build = [("built", record.created), ("time", f"{record.seconds:.1f} s"),
+             ("throughput", f"{record.images_per_second:.1f} images/s"),
+             ("device", f"{record.device} × {record.world_size} process(es)"),
+             ("software", f"actindex {record.actindex_version}, torch {record.torch_version}")]
+    if plan.neighbours is not None and info.faiss is not None:
+        build.append(("similarity", f"{info.faiss.factory} over '{plan.similarity_layer}' "
+                                    f"({info.faiss.count} vectors)"))
     skipped = ""
     if plan.skipped:
         items = "".join(f"<li>{esc(path)}: {esc(reason)}</li>" for path, reason in plan.skipped[:100])
         more = f"<li>… {len(plan.skipped) - 100} more</li>" if len(plan.skipped) > 100 else ""
         files = "1 file" if len(plan.skipped) == 1 else f"{len(plan.skipped)} files"
         skipped = f"<details><summary>{files} could not be read</summary><ul>{items}{more}</ul></details>"
-    body = (f'<h1>{esc(attrs.get("model", ""))}</h1>\n{definitions(facts)}\n<h2>Layers</h2>\n'
+    body = (f'<h1>{esc(info.model)}</h1>\n{definitions(facts)}\n<h2>Layers</h2>\n'
             '<table class="layers"><thead><tr><th>layer</th><th>units</th><th>map</th><th>receptive field</th>'
             f'<th>unit pages</th></tr></thead><tbody>{"".join(rows)}</tbody></table>\n'
             f'<h2>Images</h2>\n<p><a href="images/index.html">{len(plan.image_pages)} images</a> that are a top hit '
             f"of some unit, each with its nearest images.</p>\n<h2>The build</h2>\n{definitions(build)}\n{skipped}")
-    return document(f"actindex atlas: {attrs.get('model', '')}", body, 0)
+    return document(f"actindex atlas: {info.model}", body, 0)
 
 
 def shown_path(path: str, base: Path) -> str:
@@ -178,7 +178,7 @@ def unit_page(plan: Plan, name: str, unit: int) -> str:
         image_id = int(hits.image[unit, rank])
         height, width = plan.image_sizes[image_id]
         b0, b1, b2, b3 = (int(v) for v in hits.box[unit, rank])
-        y0, x0, y1, x1 = crop_geometry(width, height, int(plan.attrs["input_size"])).to_original((b0, b1, b2, b3))
+        y0, x0, y1, x1 = crop_geometry(width, height, plan.info.input_size).to_original((b0, b1, b2, b3))
         box = (f"top:{100 * y0 / height:.2f}%;left:{100 * x0 / width:.2f}%;"
                f"height:{100 * (y1 - y0) / height:.2f}%;width:{100 * (x1 - x0) / width:.2f}%")
         path = plan.paths[image_id]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from actindex.indexer.atomic import atomic_write
-from actindex.indexer.index_file import IndexReader, LayerHits
+from actindex.indexer.index_file import IndexInfo, IndexReader, LayerHits
 from actindex.kernels.errors import UserError, not_found
 
 MANIFEST = "atlas.json"
@@ -150,7 +150,7 @@ class Plan:
     index: Path
     site: Path
     image_format: str
-    attrs: dict[str, Any]
+    info: IndexInfo
     paths: list[str]
     labels: np.ndarray  # (N,) class index, -1 without classes
     classes: list[str]

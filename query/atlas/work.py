@@ -75,7 +75,7 @@ class Worker:
                  dream_steps: int) -> None:
         self.plan = plan
         self.device = device
-        self.root = data_root(plan.attrs, data)
+        self.root = data_root(plan.info, data)
         self.root_given = data is not None
         self.weights = weights
         self.batch_size = batch_size
@@ -86,13 +86,13 @@ class Worker:
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            self._model = load_index_model(self.plan.attrs, self.weights, self.device).module
+            self._model = load_index_model(self.plan.info, self.weights, self.device).module
         return self._model
 
     def images(self, ids: list[int]) -> list[LoadedImage]:
         missing = sorted({i for i in ids if i not in self._images})
         loaded = load_index_images(self.root, [self.plan.paths[i] for i in missing],
-                                   int(self.plan.attrs["input_size"]), self.root_given)
+                                   self.plan.info.input_size, self.root_given)
         for image_id, image in zip(missing, loaded, strict=True):
             self._images[image_id] = image
         result = [self._images[i] for i in ids]
@@ -128,7 +128,7 @@ class Worker:
         plan, hits = self.plan, self.plan.layers[layer].hits
         pairs = [(u, r) for u in units for r in range(plan.hit_count(layer, u))]
         outcome = Outcome(units=len(units))
-        normalize = Normalize(plan.attrs["mean"], plan.attrs["std"], self.device)
+        normalize = Normalize(plan.info.mean, plan.info.std, self.device)
         unguided: dict[str, int] = {}
         for start in range(0, len(pairs), self.batch_size):
             batch = pairs[start:start + self.batch_size]
@@ -163,9 +163,9 @@ class Worker:
     def dream(self, layer: str, unit: int) -> Image.Image:
         hits = self.plan.layers[layer].hits
         objective = "center" if hits.height * hits.width > 1 else "mean"
-        config = DreamConfig(objective=objective, steps=self.dream_steps, input_size=int(self.plan.attrs["input_size"]))
+        config = DreamConfig(objective=objective, steps=self.dream_steps, input_size=self.plan.info.input_size)
         try:
-            result = dream(self.model, layer, unit, self.plan.attrs["mean"], self.plan.attrs["std"], config,
+            result = dream(self.model, layer, unit, self.plan.info.mean, self.plan.info.std, config,
                            self.device)
         except UserError as error:
             raise UserError(f"dream of layer '{layer}' unit {unit}: {error}") from error
