@@ -50,8 +50,7 @@ from .index_file import IndexWriter, LayerHits, check_output
 from .layers import addressable_layers, check_indexable, resolve_layers
 from .models import LoadedModel, load_model
 from .signals import detach_worker, shielded
-from .vector_file import NONE, index_for, vector_index_path
-from .vectors import check_factory, write_vector_index
+from .similarity import NONE, check_factory, index_for, vector_index_path, write_vector_index
 
 
 class Progress(Protocol):

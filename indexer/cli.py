@@ -241,7 +241,7 @@ def faiss_command(index: Path, layer: str | None, factory: str | None) -> None:
     """(Re)build the FAISS similarity index beside INDEX from its stored vectors (no network needed)."""
     from tqdm import tqdm
 
-    from .vector_file import rebuild
+    from .similarity import rebuild
 
     bars: dict[str, Any] = {}
 

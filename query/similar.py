@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from actindex.indexer.index_file import IndexInfo, IndexReader
-from actindex.indexer.vector_file import open_vector_index, require_vectors
-from actindex.indexer.vectors import normalize, search
+from actindex.indexer.similarity import normalize, open_vector_index, require_vectors, search
 from actindex.kernels.errors import UserError, not_found
 
 if TYPE_CHECKING:  # torch and the network load only when a query needs them (a new image, --explain)

@@ -27,7 +27,7 @@ import faiss
 import h5py
 import numpy as np
 
-from actindex.indexer.vectors import build_vector_index, choose_factory, normalize, search
+from actindex.indexer.similarity import build_vector_index, choose_factory, normalize, search
 
 K = 10
 

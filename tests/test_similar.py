@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from actindex.indexer.index_file import IndexReader
-from actindex.indexer.vector_file import vector_index_path
+from actindex.indexer.similarity import vector_index_path
 from actindex.kernels.errors import UserError
 from actindex.query.cli import main
 from actindex.query.render import GAP, TILE

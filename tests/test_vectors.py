@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from actindex.indexer.vectors import (
+from actindex.indexer.similarity import (
     build_vector_index,
     choose_factory,
     normalize,
@@ -147,7 +147,7 @@ def test_bad_factory_no_vectors_and_dimension_mismatch() -> None:
 
 
 def test_h5py_dataset_read_in_blocks_equals_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import actindex.indexer.vectors as vectors
+    import actindex.indexer.similarity as vectors
 
     monkeypatch.setattr(vectors, "_BLOCK_BYTES", 4 * 64 * 37)  # 37 rows a block: many blocks, a ragged last one
     x = mixture(3000, 64, clusters=30, seed=2)

@@ -197,8 +197,7 @@ def _nearest_units(plan: Plan, n: int) -> None:
 
 def _neighbours(plan: Plan, reader: IndexReader, k: int) -> None:
     """Each image page's nearest images from the index's FAISS index (none when it has no FAISS index)."""
-    from actindex.indexer.vector_file import open_vector_index
-    from actindex.indexer.vectors import search
+    from actindex.indexer.similarity import open_vector_index, search
 
     record = plan.info.faiss
     if record is None or record.layer not in reader.embedding_names or not plan.image_pages or k == 0:
