@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -78,7 +77,7 @@ def _short(value: Any) -> str:
 
 
 @dataclass
-class Manifest:
+class PartialManifest:
     fingerprint: dict[str, Any]
     shards: list[tuple[int, int]]  # per rank, image ids [start, end)
 
@@ -88,7 +87,7 @@ class Manifest:
         atomic_write(folder / "manifest.json", json.dumps(record, indent=1, sort_keys=True).encode(), durable=True)
 
     @classmethod
-    def load(cls, folder: Path) -> Manifest:
+    def load(cls, folder: Path) -> PartialManifest:
         path = folder / "manifest.json"
         try:
             record = json.loads(path.read_bytes())
@@ -165,43 +164,6 @@ def read_progress(folder: Path, shards: list[tuple[int, int]]) -> int:
                 continue
             total += int(metadata.get("next_id", start)) - start
     return total
-
-
-class RowFile:
-    """An (end - start, dim) float32 row file addressed by image id, written at any offset, fsync'd on demand.
-
-    `dataset[a:b] = block` and `.shape` make it a sink for `build.RowSink`, like an h5py dataset.
-    """
-
-    def __init__(self, path: Path, start: int, end: int, dim: int) -> None:
-        self.path, self.start, self.dim = path, start, dim
-        self.shape = (end - start, dim)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        size = self.shape[0] * dim * 4
-        if os.fstat(self.fd).st_size != size:
-            os.ftruncate(self.fd, size)
-
-    def __setitem__(self, rows: slice, block: np.ndarray) -> None:
-        data = np.ascontiguousarray(block, dtype=np.float32).data.cast("B")
-        offset = (rows.start - self.start) * self.dim * 4
-        while data:  # a regular file writes everything at once unless the disk is full, which raises
-            written = os.pwrite(self.fd, data, offset)
-            data, offset = data[written:], offset + written
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows of image ids [start, stop) as (stop - start, dim) float32."""
-        size = (stop - start) * self.dim * 4
-        data = os.pread(self.fd, size, (start - self.start) * self.dim * 4)
-        if len(data) != size:
-            raise UserError(f"'{self.path}' is shorter than its checkpoint says; delete the partial build to "
-                            "start over")
-        return np.frombuffer(data, dtype=np.float32).reshape(stop - start, self.dim)
-
-    def sync(self) -> None:
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def rows_path(folder: Path, rank: int) -> Path:

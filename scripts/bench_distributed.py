@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from actindex.indexer.build import BuildConfig, build_index
-from actindex.indexer.checkpoint import RowFile
+from actindex.indexer.rows import RowFile
 from actindex.kernels.topk import RunningTopK
 
 

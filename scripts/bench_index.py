@@ -36,10 +36,9 @@ import torchvision
 from torch import nn
 
 from actindex.indexer.accumulate import IndexAccumulator
-from actindex.indexer.build import RowSink
-from actindex.indexer.checkpoint import RowFile
 from actindex.indexer.layers import resolve_layers
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
+from actindex.indexer.rows import RowFile, RowSink
 
 LAYERS = "conv1,layer1,layer2,layer3,layer4"
 

@@ -1,0 +1,114 @@
+"""The index file a build leaves: the top-k tables with their receptive-field boxes, the units' means, the image
+list and skipped files, the embedding rows, and the FAISS file beside it (docs/FORMAT.md). Written whole or
+not at all; the FAISS file takes its place just before the HDF5 file does, so an index never names a missing
+FAISS file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import torch
+
+from actindex.kernels.receptive_field import LayerGeometry, boxes
+from actindex.kernels.spatial import unravel
+from actindex.kernels.topk import TopKResult
+
+from .accumulate import IndexAccumulator
+from .atomic import atomic_path
+from .index_file import IndexWriter, LayerHits, check_output
+from .plan import BuildPlan
+from .rows import RowFile
+from .similarity import NONE, index_for, vector_index_path, write_vector_index
+
+
+def write_index(plan: BuildPlan, accumulator: IndexAccumulator, skipped: list[tuple[int, str]],
+                copy_rows: Callable[[h5py.Dataset], None], world_size: int, seconds: float) -> float:
+    """Write the index at `plan.config.out` from the merged `accumulator`; `copy_rows` fills the (N, D)
+    embeddings dataset. Returns the seconds spent on the FAISS index (0 without one)."""
+    config = plan.config
+    check_output(config.out, config.overwrite)
+    faiss_seconds = 0.0
+    with atomic_path(config.out, durable=True) as tmp:
+        vectors = None
+        with h5py.File(tmp, "w") as h5:
+            writer = IndexWriter(h5)
+            writer.write_images(plan.images.paths, plan.images.labels, plan.images.classes)
+            means = accumulator.means(len(plan.images.paths) - len(skipped))
+            for name, result in accumulator.results().items():
+                writer.write_layer(layer_hits(plan.geometry[name], result, config.input_size))
+                writer.write_mean(name, means[name].numpy())
+            writer.write_skipped([(plan.images.paths[i], reason) for i, reason in skipped])
+            attrs = _attrs(plan, world_size, len(skipped), seconds)
+            if plan.embed_layer is not None:
+                embeddings = writer.create_embeddings(plan.embed_layer, len(plan.images.paths), plan.embed_dim)
+                copy_rows(embeddings)
+                if config.faiss_factory != NONE and len(skipped) < len(plan.images.paths):
+                    tick = time.perf_counter()
+                    vectors, faiss_attrs = index_for(embeddings, config.out, config.faiss_factory)
+                    attrs.update(faiss_attrs)
+                    faiss_seconds = time.perf_counter() - tick
+            writer.write_attrs(attrs)
+        if vectors is not None:  # before the HDF5 file appears: it never names a missing FAISS file
+            write_vector_index(vectors, vector_index_path(config.out))
+    return faiss_seconds
+
+
+def copy_row_files(dataset: h5py.Dataset, files: list[tuple[Path, int, int]], dim: int) -> None:
+    """Row files (path, first id, end id) into the (N, D) dataset in id order, 32 MiB at a time: memory stays
+    bounded whatever N."""
+    step = max(1, (32 << 20) // (4 * max(dim, 1)))
+    for path, start, end in files:
+        rows = RowFile(path, start, end, dim)
+        try:
+            for a in range(start, end, step):
+                b = min(a + step, end)
+                dataset[a:b] = rows.read(a, b)
+        finally:
+            rows.close()
+
+
+def layer_hits(geometry: LayerGeometry, result: TopKResult, input_size: int) -> LayerHits:
+    """A layer's top-k result with feature positions and receptive-field boxes, as stored."""
+    assert geometry.field is not None
+    y, x = unravel(result.positions.cpu(), geometry.width)  # (C, k) each
+    box = boxes(geometry.field, y, x, (input_size, input_size))  # (C, k, 4)
+    box = box.masked_fill((result.ids.cpu() < 0).unsqueeze(-1), -1)
+    fy, fx = geometry.field
+    return LayerHits(
+        name=geometry.name, channels=geometry.channels, height=geometry.height, width=geometry.width,
+        rf_size=(fy.size, fx.size), rf_stride=(fy.stride, fx.stride), rf_padding=(fy.padding, fx.padding),
+        value=result.values.cpu().numpy(), image=result.ids.cpu().numpy(), y=y.numpy(), x=x.numpy(),
+        box=box.numpy(),
+    )
+
+
+def _attrs(plan: BuildPlan, world_size: int, skipped: int, seconds: float) -> dict[str, object]:
+    from importlib.metadata import version
+
+    config = plan.config
+    record = {key: (str(value) if isinstance(value, Path) else value)
+              for key, value in dataclasses.asdict(config).items()}
+    record.update(layers=list(plan.geometry), embed_layer=plan.embed_layer, mean=list(plan.mean),
+                  std=list(plan.std), weights_resolved=plan.loaded.weights,
+                  weights_sha256=plan.loaded.weights_sha256, data=str(Path(config.data).resolve()))
+    for operational in ("out", "overwrite", "resume", "checkpoint_every"):  # they never change the index
+        del record[operational]
+    n = len(plan.images.paths)
+    return {
+        "model": config.model, "weights": plan.loaded.weights, "weights_sha256": plan.loaded.weights_sha256,
+        "input_size": config.input_size, "mean": list(plan.mean), "std": list(plan.std), "k": config.k,
+        "data_root": str(Path(config.data).resolve()), "num_images": n, "num_skipped": skipped,
+        "layers": json.dumps(list(plan.geometry)), "embed_layer": plan.embed_layer or "",
+        "categories": json.dumps(plan.loaded.categories), "config": json.dumps(record, sort_keys=True),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
+        "images_per_second": n / seconds if seconds > 0 else 0.0, "device": plan.device.type,
+        "world_size": world_size,
+        "actindex_version": version("actindex"), "torch_version": str(torch.__version__),
+    }
