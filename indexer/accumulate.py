@@ -36,7 +36,6 @@ class IndexAccumulator:
         self.normalize = Normalize(mean, std, device)
         self._ids = torch.empty(0, dtype=torch.int64, device=device)
         self._embedding: torch.Tensor | None = None
-        self.images_seen = 0
 
     def _record(self, name: str, output: torch.Tensor) -> None:
         # Runs inside the forward hook: reduce now, before any in-place op downstream rewrites `output`.
@@ -63,46 +62,17 @@ class IndexAccumulator:
         with tapped(self.model, names, self._record) as taps:
             self.model(self.normalize(pixels))
             taps.check_once()
-        self.images_seen += int(ids.numel())
         return self._embedding
 
-    def merge(self, other: IndexAccumulator) -> None:
+    def merge_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Fold in another accumulator's `state_dict()` over disjoint images (another rank's); exact."""
         for name, topk in self.topk.items():
-            topk.merge(other.topk[name])
-            self.sums[name].merge(other.sums[name])
-        self.images_seen += other.images_seen
-
-    def flat_state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's state in two flat tensors on the device, for one collective each: float32 top-k
-        values (sum of C·k), and int64 top-k ids, then positions (each sum of C·k), then sum buckets, then
-        non-finite counts."""
-        states = [topk.state() for topk in self.topk.values()]
-        values = torch.cat([v.flatten() for v, _, _ in states])
-        integers = torch.cat([i.flatten() for _, i, _ in states] + [p.flatten() for _, _, p in states]
-                             + [s.buckets.flatten() for s in self.sums.values()]
-                             + [s.nonfinite for s in self.sums.values()])
-        return values, integers
-
-    def merge_flat(self, values: torch.Tensor, integers: torch.Tensor) -> None:
-        """Fold in another accumulator's `flat_state()` (disjoint images); exact."""
-        entries = sum(topk.channels * topk.k for topk in self.topk.values())
-        ids, positions = integers[:entries], integers[entries:2 * entries]
-        offset = 0
-        for topk in self.topk.values():
-            size = topk.channels * topk.k
             other = RunningTopK(topk.channels, topk.k, topk.device)
-            other.load_state_dict({name: t[offset:offset + size].view(topk.channels, topk.k) for name, t in
-                                   (("values", values), ("ids", ids), ("positions", positions))})
+            other.load_state_dict({key: state[f"{name}/{key}"] for key in ("values", "ids", "positions")})
             topk.merge(other)
-            offset += size
-        offset = 2 * entries
-        for total in self.sums.values():
-            size = total.buckets.numel()
-            total.buckets += integers[offset:offset + size].view_as(total.buckets)
-            offset += size
-        for total in self.sums.values():
-            total.nonfinite += integers[offset:offset + total.channels]
-            offset += total.channels
+            total = ExactSum(topk.channels, topk.device)
+            total.load_state_dict({key: state[f"{name}/sum_{key}"] for key in ("buckets", "nonfinite")})
+            self.sums[name].merge(total)
 
     def results(self) -> dict[str, TopKResult]:
         return {name: topk.result() for name, topk in self.topk.items()}
@@ -114,6 +84,7 @@ class IndexAccumulator:
                 for name, total in self.sums.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole state as named CPU tensors: what a checkpoint stores and what ranks gather to merge."""
         state = {f"{name}/{key}": tensor for name, topk in self.topk.items()
                  for key, tensor in topk.state_dict().items()}
         state.update({f"{name}/sum_{key}": tensor for name, total in self.sums.items()

@@ -216,11 +216,9 @@ class _Build:
 
     def _merge(self, accumulator: IndexAccumulator) -> None:
         """Gather every rank's top-k state on rank 0 and fold it in: exact, as the keys have no ties."""
-        values, integers = accumulator.flat_state()
-        all_values, all_integers = self.job.gather(values), self.job.gather(integers)
-        if all_values is not None and all_integers is not None:
-            for rank in range(1, self.job.world_size):
-                accumulator.merge_flat(all_values[rank], all_integers[rank])
+        states = self.job.gather_state(accumulator.state_dict())
+        for state in (states or [])[1:]:
+            accumulator.merge_state(state)
 
     def _write(self, accumulator: IndexAccumulator, seconds: float) -> int:
         """Rank 0: the index file, embeddings copied from every rank's rows in id order. Returns skipped count."""

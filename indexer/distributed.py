@@ -194,6 +194,27 @@ class Job:
         dist.gather(tensor, received, dst=0)
         return received
 
+    def gather_state(self, state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]] | None:
+        """Every rank's named tensors (same names, shapes and dtypes on each) on rank 0, in rank order, on the
+        CPU; None elsewhere. One collective per dtype: the tensors travel packed into one flat tensor each."""
+        if not self.distributed:
+            return [state]
+        names = sorted(state)
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for name in names:
+            by_dtype.setdefault(state[name].dtype, []).append(name)
+        gathered: list[dict[str, torch.Tensor]] = [{} for _ in range(self.world_size)]
+        for group in by_dtype.values():
+            flat = torch.cat([state[name].flatten() for name in group]).to(self.device)
+            received = self.gather(flat)
+            if received is None:
+                continue
+            for rank, packed in enumerate(received):
+                parts = packed.cpu().split([state[name].numel() for name in group])
+                gathered[rank].update({name: part.view(state[name].shape) for name, part in zip(group, parts,
+                                                                                                  strict=True)})
+        return gathered if self.is_main else None
+
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -19,10 +19,6 @@ def addressable_layers(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
-def all_geometry(model: nn.Module, input_size: int, device: torch.device | str = "cpu") -> dict[str, LayerGeometry]:
-    return trace_geometry(model, input_size, None, device=device)
-
-
 def resolve_layers(model: nn.Module, requested: Sequence[str] | None, input_size: int,
                    device: torch.device | str = "cpu") -> dict[str, LayerGeometry]:
     """Geometry of the requested layers (or the default stages), checked to be indexable."""
@@ -38,7 +34,7 @@ def resolve_layers(model: nn.Module, requested: Sequence[str] | None, input_size
         except ValueError as error:  # a requested module that never runs in the forward pass
             raise UserError(f"{error}; choose layers that run (see 'actindex layers --model …')") from error
     else:
-        geometry = all_geometry(model, input_size, device)
+        geometry = trace_geometry(model, input_size, None, device=device)
         chosen = default_layers(model, geometry)
         geometry = {name: geometry[name] for name in chosen}
     for geo in geometry.values():
@@ -108,7 +104,7 @@ def layer_table(spec: str, weights: str | None, input_size: int) -> tuple[list[d
     from .models import load_model
 
     model = load_model(spec, weights, "cpu").module
-    geometry = all_geometry(model, input_size)
+    geometry = trace_geometry(model, input_size)
     try:
         defaults = default_layers(model, geometry)
     except UserError:

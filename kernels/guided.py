@@ -251,8 +251,3 @@ class GuidedBackprop(TorchFunctionMode):
             # The copy is differentiable: gradients reaching x's new value flow into the guided Function.
             return gate.x.copy_(out)
         return out
-
-
-def guided_backprop() -> GuidedBackprop:
-    """A fresh mode: `with guided_backprop() as mode: out = model(x)`."""
-    return GuidedBackprop()

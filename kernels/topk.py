@@ -140,22 +140,11 @@ class RunningTopK:
             positions=self.positions.masked_fill(empty, -1),
         )
 
-    def to_(self, device: torch.device | str) -> RunningTopK:
-        self._compact()
-        self._pending = None
-        self.keys, self.values, self.ids, self.positions = (
-            t.to(device) for t in (self.keys, self.values, self.ids, self.positions)
-        )
-        return self
-
-    def state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values, ids, positions), each (C, k), on the accumulator's device; empty slots hold id -1."""
-        self._compact()
-        return self.values, self.ids, self.positions
-
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain named tensors (safetensors-compatible); keys are derived, not stored."""
-        return {name: t.cpu() for name, t in zip(("values", "ids", "positions"), self.state(), strict=True)}
+        """(C, k) values, ids and positions as plain named CPU tensors (safetensors-compatible); empty slots hold
+        id -1; keys are derived, not stored."""
+        self._compact()
+        return {"values": self.values.cpu(), "ids": self.ids.cpu(), "positions": self.positions.cpu()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         shape = (self.channels, self.k)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchvision.models.googlenet import BasicConv2d
 
-from actindex.kernels.guided import GuidedBackprop, guided_backprop
+from actindex.kernels.guided import GuidedBackprop
 
 # (model, input) -> (model output, scalar to differentiate), from one forward pass
 Objective = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -489,7 +489,7 @@ def test_closed_form_on_hand_set_weights() -> None:
     w1 = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 1.0], [-1.0, 0.0, 3.0], [2.0, 1.0, 0.0]])  # (4, 3)
     w2 = torch.tensor([1.5, -1.0, 2.0, -0.5])
     x = torch.tensor([[1.0, 0.5, -0.2]], requires_grad=True)  # h = w1 x = (-0.1, 0.3, -1.6, 2.5)
-    with guided_backprop() as mode:
+    with GuidedBackprop() as mode:
         y = F.relu(x @ w1.t()) @ w2
     (guided,) = torch.autograd.grad(y.sum(), x)
     # Only h2 and h4 are open; of their weights in w2, -1.0 and -0.5, neither is positive: nothing passes.
