@@ -178,9 +178,9 @@ def layers(model: str, weights: str | None, input_size: int, show_all: bool, as_
         mark = "*" if r["name"] in defaults else " "
         output = "x".join(str(n) for n in r["shape"]) if r["shape"] else "-"
         size = f"{r['height']}x{r['width']}" if r["height"] is not None else "-"
-        rf = _yx(r["rf_size"]) if r["rf_size"] else "-"
-        stride = _yx(r["rf_stride"]) if r["rf_stride"] else "-"
-        padding = _yx(r["rf_padding"]) if r["rf_padding"] else (r["note"] or "-")
+        rf = _show_yx(r["rf_size"]) if r["rf_size"] else "-"
+        stride = _show_yx(r["rf_stride"]) if r["rf_stride"] else "-"
+        padding = _show_yx(r["rf_padding"]) if r["rf_padding"] else (r["note"] or "-")
         click.echo(f"{mark} {r['name']:<{width}}  {r['type']:<20} {output:>12} {r['channels'] or '-':>8} {size:>9} "
                    f"{rf:>9} {stride:>7} {padding:>9}")
     if any(r["shape"] and not r["indexable"] for r in rows):
@@ -213,8 +213,8 @@ def info(index: Path, as_json: bool) -> None:
                    f"{build_info.get('seconds', 0):.1f} s ({build_info.get('images_per_second', 0):.1f} images/s)")
     for layer in summary["layers"]:
         click.echo(f"  layer {layer['name']}: {layer['channels']} channels, {layer['height']}x{layer['width']}, "
-                   f"receptive field {_yx(layer['rf_size'])} stride {_yx(layer['rf_stride'])} "
-                   f"padding {_yx(layer['rf_padding'])}")
+                   f"receptive field {_show_yx(layer['rf_size'])} stride {_show_yx(layer['rf_stride'])} "
+                   f"padding {_show_yx(layer['rf_padding'])}")
     for name, shape in summary["embeddings"].items():
         click.echo(f"  embeddings {name}: {shape[0]} x {shape[1]}")
     vectors = summary["faiss"]
@@ -229,7 +229,7 @@ def info(index: Path, as_json: bool) -> None:
         click.echo(f"  skipped {item['path']}: {item['reason']}")
 
 
-def _yx(pair: list[int]) -> str:
+def _show_yx(pair: list[int]) -> str:
     return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
 

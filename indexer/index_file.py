@@ -252,7 +252,8 @@ class IndexReader:
         a = group.attrs
         return LayerHits(
             name=name, channels=int(a["channels"]), height=int(a["height"]), width=int(a["width"]),
-            rf_size=_pair(a["rf_size"]), rf_stride=_pair(a["rf_stride"]), rf_padding=_pair(a["rf_padding"]),
+            rf_size=_stored_yx(a["rf_size"]), rf_stride=_stored_yx(a["rf_stride"]),
+            rf_padding=_stored_yx(a["rf_padding"]),
             value=group["value"][()], image=group["image"][()], y=group["y"][()], x=group["x"][()],
             box=group["box"][()],
         )
@@ -278,8 +279,9 @@ class IndexReader:
             a = self.h5[f"layers/{name}"].attrs
             value = self.h5[f"layers/{name}/value"]
             layers.append({"name": name, "channels": int(a["channels"]), "height": int(a["height"]),
-                           "width": int(a["width"]), "rf_size": list(_pair(a["rf_size"])),
-                           "rf_stride": list(_pair(a["rf_stride"])), "rf_padding": list(_pair(a["rf_padding"])),
+                           "width": int(a["width"]), "rf_size": list(_stored_yx(a["rf_size"])),
+                           "rf_stride": list(_stored_yx(a["rf_stride"])),
+                           "rf_padding": list(_stored_yx(a["rf_padding"])),
                            "k": int(value.shape[1])})
         summary: dict[str, Any] = {
             "format": FORMAT_NAME, "format_version": info.format_version, "model": info.model,
@@ -298,7 +300,7 @@ class IndexReader:
         return summary
 
 
-def _pair(value: Any) -> tuple[int, int]:
+def _stored_yx(value: Any) -> tuple[int, int]:
     y, x = (int(v) for v in np.asarray(value).reshape(2))
     return y, x
 

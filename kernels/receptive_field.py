@@ -216,7 +216,7 @@ class _Seen:
     shape: tuple[int, ...]
 
 
-def _pair(value: Any) -> tuple[int, int]:
+def _per_axis(value: Any) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     values = tuple(int(v) for v in value)
@@ -370,24 +370,24 @@ class _FieldTracer(TorchFunctionMode):
         if name == "conv2d":
             b = _bind(args, kwargs, _CONV_ARGS, {"stride": 1, "padding": 0, "dilation": 1})
             kernel = tuple(b["weight"].shape[-2:])
-            dilation = _pair(b["dilation"])
+            dilation = _per_axis(b["dilation"])
             padding = b["padding"]
             if padding == "valid":
                 padding = (0, 0)
             elif padding == "same":
                 padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
-            padding = _pair(padding)
+            padding = _per_axis(padding)
         else:
             if name in _MAXPOOL_OPS:
                 b = _bind(args, kwargs, _MAXPOOL_ARGS, {"stride": None, "padding": 0, "dilation": 1})
-                dilation = _pair(b["dilation"])
+                dilation = _per_axis(b["dilation"])
             else:
                 b = _bind(args, kwargs, _AVGPOOL_ARGS, {"stride": None, "padding": 0})
                 dilation = (1, 1)
-            kernel = _pair(b["kernel_size"])
-            padding = _pair(b["padding"])
+            kernel = _per_axis(b["kernel_size"])
+            padding = _per_axis(b["padding"])
         # Pools default the stride to the kernel; torch passes that default as None or as an empty list.
-        stride = _pair(b["stride"]) if b["stride"] not in (None, [], ()) else kernel
+        stride = _per_axis(b["stride"]) if b["stride"] not in (None, [], ()) else kernel
         field = (
             _window(fy, kernel[0], stride[0], padding[0], dilation[0]),
             _window(fx, kernel[1], stride[1], padding[1], dilation[1]),
@@ -585,7 +585,7 @@ def trace_geometry(
     The model runs in eval mode under ``torch.inference_mode`` on ``device`` (train-mode batch norm would fold
     the zeros into its running statistics and refuse 1x1 maps at batch size 1); its flags are restored.
     """
-    input_hw = _pair(input_size)
+    input_hw = _per_axis(input_size)
     modules = _select_modules(model, names)
     params = [p for p in model.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else torch.float32

@@ -278,14 +278,14 @@ def atlas(index: Path, out: Path, layers: str | None, units: str | None, dream: 
     stopped. Open OUT/index.html in a browser, or copy OUT to any web server.
     """
     from .atlas import AtlasConfig, build_atlas
+    from .atlas.build import AtlasFault
     from .atlas.pool import KillTask
 
-    kill = KillTask(*(int(n) for n in kill_worker.split(":"))) if kill_worker else None
+    fault = AtlasFault(crash_after, KillTask(*(int(n) for n in kill_worker.split(":"))) if kill_worker else None)
     config = AtlasConfig(index=index, out=out, layers=tuple(_names(layers)) if layers else None, units=units,
                          dream=dream, jobs=jobs, batch_size=batch_size, device=_device(device), data=data_root,
-                         weights=weights, image_format=image_format, overwrite=overwrite, crash_after=crash_after,
-                         kill_worker=kill)
-    summary = build_atlas(config, progress=True)
+                         weights=weights, image_format=image_format, overwrite=overwrite)
+    summary = build_atlas(config, progress=True, fault=fault)
     click.echo(f"Atlas of {summary.layers} layers: {summary.unit_pages} unit pages ({summary.units_computed} made "
                f"now), {summary.image_pages} image pages; {summary.files} files, "
                f"{(summary.page_bytes + summary.picture_bytes) / 1e6:.1f} MB ({summary.picture_bytes / 1e6:.1f} MB "

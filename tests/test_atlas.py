@@ -22,7 +22,8 @@ from PIL import Image
 from actindex.indexer.images import crop_geometry, preprocess
 from actindex.indexer.index_file import IndexReader
 from actindex.kernels.errors import UserError
-from actindex.query.atlas import AtlasConfig, InjectedCrash, build_atlas
+from actindex.query.atlas import AtlasConfig, build_atlas
+from actindex.query.atlas.build import AtlasFault, InjectedCrash
 from actindex.query.atlas.plan import parse_units
 from actindex.query.atlas.pool import KillTask
 from actindex.query.cli import main
@@ -177,7 +178,7 @@ def test_image_pages_list_the_exact_nearest_images(built: tuple[Path, Path, Path
 def test_a_crashed_build_resumes_to_the_same_site(built: tuple[Path, Path, Path], site: Path, tmp_path: Path) -> None:
     out = tmp_path / "site"
     with pytest.raises(InjectedCrash):
-        build_atlas(config(built[0], out, crash_after=2))
+        build_atlas(config(built[0], out), fault=AtlasFault(crash_after=2))
     assert not (out / "index.html").exists()
     summary = build_atlas(config(built[0], out))
     assert 0 < summary.units_computed < summary.unit_pages
@@ -353,7 +354,7 @@ def assert_same_site(out: Path, site: Path) -> None:
 def test_a_worker_killed_mid_task_is_replaced_and_its_task_done_again(built: tuple[Path, Path, Path], site: Path,
                                                                       tmp_path: Path) -> None:
     out = tmp_path / "site"
-    summary = build_atlas(config(built[0], out, jobs=2, kill_worker=KillTask(task=1)))
+    summary = build_atlas(config(built[0], out, jobs=2), fault=AtlasFault(kill=KillTask(task=1)))
     assert summary.units_computed == summary.unit_pages
     assert_same_site(out, site)
 
@@ -363,7 +364,7 @@ def test_a_task_that_kills_its_worker_twice_stops_the_run_in_one_line(built: tup
     out = tmp_path / "site"
     with pytest.raises(UserError, match=r"died \(killed by SIGKILL\) on task 0 a second time; the pictures made so "
                                         "far are kept: run the same command again to continue") as caught:
-        build_atlas(config(built[0], out, jobs=2, kill_worker=KillTask(task=0, attempts=2)))
+        build_atlas(config(built[0], out, jobs=2), fault=AtlasFault(kill=KillTask(task=0, attempts=2)))
     assert "\n" not in str(caught.value)
     summary = build_atlas(config(built[0], out, jobs=2))
     assert 0 < summary.units_computed <= summary.unit_pages

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actindex.indexer.index_file import IndexReader
+from actindex.indexer.index_file import IndexInfo, IndexReader
 from actindex.indexer.signals import describe, stops_raise
 from actindex.kernels.errors import Interrupted, UserError, not_found
 from actindex.kernels.overlap import nearest_by_overlap
 
 from .pages import site_size, write_pages
-from .plan import FORMATS, OWN, Layer, Manifest, Plan, index_identity, parse_units, slug
+from .plan import FORMATS, OWN, Layer, NearestUnits, Plan, SiteManifest, index_identity, parse_units, slug
 from .pool import KillTask, TaskPool
 from .work import Outcome, Task, Worker, start_worker
 
@@ -38,7 +38,20 @@ IMAGES_PER_TASK = 64
 
 
 class InjectedCrash(RuntimeError):
-    """Testing: the build stops here as a crash would (`crash_after`)."""
+    """Testing: the build stops here as a crash would (`AtlasFault.crash_after`)."""
+
+
+@dataclass(frozen=True)
+class AtlasFault:
+    """Failures injected on purpose, for tests: the run stops as a crash would after `crash_after` tasks, and
+    the worker that runs task `kill.task` dies by SIGKILL (the build's counterpart is `indexer.stream.Fault`)."""
+
+    crash_after: int | None = None
+    kill: KillTask | None = None
+
+    def after(self, done: int) -> None:
+        if self.crash_after is not None and done >= self.crash_after:
+            raise InjectedCrash(f"injected crash after {done} tasks")
 
 
 @dataclass(frozen=True)
@@ -58,8 +71,6 @@ class AtlasConfig:
     nearest_units: int = 8
     dream_steps: int = 200
     overwrite: bool = False  # replace a site built from another index
-    crash_after: int | None = None  # testing: stop after this many tasks
-    kill_worker: KillTask | None = None  # testing: the worker running this task dies by SIGKILL
 
     def check(self) -> None:
         if self.image_format not in FORMATS:
@@ -85,7 +96,7 @@ class AtlasSummary:
     seconds: float
 
 
-def build_atlas(config: AtlasConfig, progress: bool = False) -> AtlasSummary:
+def build_atlas(config: AtlasConfig, progress: bool = False, *, fault: AtlasFault | None = None) -> AtlasSummary:
     """Build or extend the site at `config.out` from the index at `config.index`."""
     config.check()
     start = time.perf_counter()
@@ -110,16 +121,16 @@ def build_atlas(config: AtlasConfig, progress: bool = False) -> AtlasSummary:
             manifest.units[name] = sorted(set(manifest.units.get(name, [])) | units)
             if config.dream:
                 manifest.dreams[name] = sorted(set(manifest.dreams.get(name, [])) | units)
-        plan = Plan(index=config.index.resolve(), site=site, image_format=manifest.image_format,
-                    info=info, paths=reader.image_paths(), labels=reader.image_labels(),
-                    classes=reader.classes(), skipped=reader.skipped(), layers=layers,
-                    pages={name: units for name, units in manifest.units.items() if units},
+        pages = {name: units for name, units in manifest.units.items() if units}
+        image_pages = sorted({int(i) for name, units in pages.items() for i in layers[name].hits.image[units].ravel()
+                              if i >= 0})
+        neighbours, similarity_layer = _neighbours(info, reader, image_pages, config.neighbours)
+        plan = Plan(index=config.index.resolve(), site=site, image_format=manifest.image_format, info=info,
+                    paths=reader.image_paths(), labels=reader.image_labels(), classes=reader.classes(),
+                    skipped=reader.skipped(), layers=layers, pages=pages,
                     dreams={name: set(units) for name, units in manifest.dreams.items()},
-                    unguided=manifest.unguided)
-        _nearest_units(plan, config.nearest_units)
-        plan.image_pages = sorted({int(i) for name, units in plan.pages.items()
-                                   for i in layers[name].hits.image[units].ravel() if i >= 0})
-        _neighbours(plan, reader, config.neighbours)
+                    nearest=_nearest_units(layers, config.nearest_units), image_pages=image_pages,
+                    neighbours=neighbours, similarity_layer=similarity_layer)
     site.mkdir(parents=True, exist_ok=True)
     manifest.write(site)
     tasks = _tasks(plan, manifest)
@@ -127,7 +138,7 @@ def build_atlas(config: AtlasConfig, progress: bool = False) -> AtlasSummary:
     done = 0
     try:
         with stops_raise():
-            for outcome in _run(tasks, plan, config, progress):
+            for outcome in _run(tasks, plan, config, progress, fault or AtlasFault()):
                 for name, counts in outcome.unguided.items():
                     manifest.unguided[name] = counts
                 manifest.sizes.update(outcome.sizes)
@@ -139,9 +150,7 @@ def build_atlas(config: AtlasConfig, progress: bool = False) -> AtlasSummary:
                           "command again to continue where it stopped", signum) from None
     finally:
         manifest.write(site)  # keep what finished (image sizes) for the next run
-    plan.unguided = manifest.unguided
-    plan.image_sizes = manifest.sizes
-    write_pages(plan)
+    write_pages(plan, manifest.unguided, manifest.sizes)
     files, page_bytes, picture_bytes = site_size(site)
     return AtlasSummary(site=site, front_page=site / "index.html", layers=len(plan.layers),
                         unit_pages=sum(len(u) for u in plan.pages.values()), units_computed=computed,
@@ -149,9 +158,9 @@ def build_atlas(config: AtlasConfig, progress: bool = False) -> AtlasSummary:
                         picture_bytes=picture_bytes, seconds=time.perf_counter() - start)
 
 
-def _open_site(config: AtlasConfig, identity: str) -> Manifest:
+def _open_site(config: AtlasConfig, identity: str) -> SiteManifest:
     """The site's manifest, or a new one; a site of another index is replaced only with `overwrite`."""
-    manifest = Manifest.read(config.out)
+    manifest = SiteManifest.read(config.out)
     if manifest is not None and manifest.identity != identity:
         if not config.overwrite:
             raise UserError(f"'{config.out}' is an atlas of another index ('{manifest.index}', or that file changed "
@@ -166,7 +175,7 @@ def _open_site(config: AtlasConfig, identity: str) -> Manifest:
     if manifest is not None and manifest.image_format != config.image_format:
         raise UserError(f"'{config.out}' holds {manifest.image_format} pictures; pass --format "
                         f"{manifest.image_format} to extend it, or give a new --out")
-    return manifest or Manifest(index=str(config.index.resolve()), identity=identity,
+    return manifest or SiteManifest(index=str(config.index.resolve()), identity=identity,
                                 image_format=config.image_format)
 
 
@@ -184,36 +193,39 @@ def _with_slugs(layers: dict[str, Layer]) -> dict[str, Layer]:
     return result
 
 
-def _nearest_units(plan: Plan, n: int) -> None:
-    names = list(plan.layers)
-    tables = [torch.from_numpy(plan.layers[name].hits.image) for name in names]  # (C_l, k) each
+def _nearest_units(layers: dict[str, Layer], n: int) -> NearestUnits:
+    names = list(layers)
+    tables = [torch.from_numpy(layers[name].hits.image) for name in names]  # (C_l, k) each
     offsets = np.cumsum([0] + [t.shape[0] for t in tables])
-    plan.first_unit = {name: int(offsets[i]) for i, name in enumerate(names)}
-    plan.unit_layer = [name for name, t in zip(names, tables, strict=True) for _ in range(t.shape[0])]
-    plan.unit_channel = np.concatenate([np.arange(t.shape[0]) for t in tables]) if tables else np.zeros(0, np.int64)
     index, _, count = nearest_by_overlap(torch.cat(tables) if tables else torch.zeros(0, 1, dtype=torch.int64), n)
-    plan.near_index, plan.near_count = index.numpy(), count.numpy()
+    return NearestUnits(
+        layer=[name for name, t in zip(names, tables, strict=True) for _ in range(t.shape[0])],
+        channel=np.concatenate([np.arange(t.shape[0]) for t in tables]) if tables else np.zeros(0, np.int64),
+        index=index.numpy(), count=count.numpy(), first={name: int(offsets[i]) for i, name in enumerate(names)})
 
 
-def _neighbours(plan: Plan, reader: IndexReader, k: int) -> None:
-    """Each image page's nearest images from the index's FAISS index (none when it has no FAISS index)."""
+def _neighbours(info: IndexInfo, reader: IndexReader, image_pages: list[int],
+                k: int) -> tuple[dict[int, list[tuple[int, float]]] | None, str]:
+    """Each image page's nearest images from the index's FAISS index, and the layer they are nearest by (None
+    and "" when the index has no FAISS index)."""
     from actindex.indexer.similarity import open_vector_index, search
 
-    record = plan.info.faiss
-    if record is None or record.layer not in reader.embedding_names or not plan.image_pages or k == 0:
-        return
+    record = info.faiss
+    if record is None or record.layer not in reader.embedding_names or not image_pages or k == 0:
+        return None, ""
     stored = reader.embeddings(record.layer)
-    vectors, plan.similarity_layer = open_vector_index(plan.info, record.layer, int(stored.shape[1]))
-    plan.neighbours = {}
-    for start in range(0, len(plan.image_pages), 4096):
-        ids = plan.image_pages[start:start + 4096]
+    vectors, layer = open_vector_index(info, record.layer, int(stored.shape[1]))
+    neighbours = {}
+    for start in range(0, len(image_pages), 4096):
+        ids = image_pages[start:start + 4096]
         scores, found = search(vectors, stored[ids].astype(np.float32), k + 1)  # (Q, k + 1): itself first
         for image_id, row_scores, row_ids in zip(ids, scores, found, strict=True):
-            plan.neighbours[image_id] = [(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True)
-                                         if i >= 0 and i != image_id][:k]
+            neighbours[image_id] = [(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True)
+                                    if i >= 0 and i != image_id][:k]
+    return neighbours, layer
 
 
-def _tasks(plan: Plan, manifest: Manifest) -> list[Task]:
+def _tasks(plan: Plan, manifest: SiteManifest) -> list[Task]:
     """What is missing: units whose pictures are not all there, tiles, thumbnails of unknown size."""
     tasks = []
     for name in plan.layers:
@@ -243,9 +255,9 @@ def _groups(items: list[int], key: Callable[[int], int]) -> Iterator[tuple[int, 
         yield tuple(group)
 
 
-def _run(tasks: list[Task], plan: Plan, config: AtlasConfig, progress: bool) -> Iterator[Outcome]:
-    # On a CPU, small batches are faster per image (measured: 62 ms at 9 images, 105 ms at 32, EfficientNet-
-    # Lite0 to blocks.4, guided backward included): activations of large batches fall out of the caches.
+def _run(tasks: list[Task], plan: Plan, config: AtlasConfig, progress: bool, fault: AtlasFault) -> Iterator[Outcome]:
+    # On a CPU, small batches are faster per image: activations of large batches fall out of the caches
+    # (docs/BENCHMARKS.md, the atlas).
     batch_size = config.batch_size or (8 if config.device == "cpu" else 64)
     bar = tqdm(total=len(tasks), desc="atlas", unit="task", disable=not progress or not tasks)
     done = 0
@@ -257,23 +269,18 @@ def _run(tasks: list[Task], plan: Plan, config: AtlasConfig, progress: bool) -> 
                 yield outcome
                 done += 1
                 bar.update()
-                _maybe_crash(config, done)
+                fault.after(done)
             return
         threads = max(1, (os.cpu_count() or 1) // config.jobs) if config.device == "cpu" else 1
         pool: TaskPool[Task, Outcome] = TaskPool(
             config.jobs, start_worker, (plan, config.device, config.data, config.weights, batch_size,
-                                        config.dream_steps, threads), kill=config.kill_worker,
+                                        config.dream_steps, threads), kill=fault.kill,
             note=(lambda text: bar.write(text, file=sys.stderr)) if progress else None)
         with closing(pool.run(tasks)) as results:  # closed, its workers stopped, however this loop ends
             for _, outcome in results:
                 yield outcome
                 done += 1
                 bar.update()
-                _maybe_crash(config, done)
+                fault.after(done)
     finally:
         bar.close()
-
-
-def _maybe_crash(config: AtlasConfig, done: int) -> None:
-    if config.crash_after is not None and done >= config.crash_after:
-        raise InjectedCrash(f"injected crash after {done} tasks")

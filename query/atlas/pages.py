@@ -169,14 +169,17 @@ def score_chart(values: np.ndarray, mean: float | None, width: int = 360, height
             f'<text x="{left}" y="{height - 4}">hits 1–{len(values)}</text></svg>')
 
 
-def unit_page(plan: Plan, name: str, unit: int) -> str:
+def unit_page(plan: Plan, name: str, unit: int, sizes: dict[int, tuple[int, int]],
+              unguided: dict[str, int]) -> str:
+    """`sizes`: original (height, width) of the hit images; `unguided`: activations guided backprop could not
+    guide in this layer, and how often they ran."""
     layer = plan.layers[name]
     hits = layer.hits
     count = plan.hit_count(name, unit)
     figures = []
     for rank in range(count):
         image_id = int(hits.image[unit, rank])
-        height, width = plan.image_sizes[image_id]
+        height, width = sizes[image_id]
         b0, b1, b2, b3 = (int(v) for v in hits.box[unit, rank])
         y0, x0, y1, x1 = crop_geometry(width, height, plan.info.input_size).to_original((b0, b1, b2, b3))
         box = (f"top:{100 * y0 / height:.2f}%;left:{100 * x0 / width:.2f}%;"
@@ -206,7 +209,7 @@ def unit_page(plan: Plan, name: str, unit: int) -> str:
         dream = (f'<h2>Dream</h2>\n<p>An input optimized to excite this unit (gradient ascent with blur, jitter and '
                  f'L2 decay).</p>\n<img class="dream" src="../../{plan.unit_file(name, unit, "dream")}" '
                  f'alt="dream of unit {unit}">')
-    unguided = plan.unguided.get(name) or {}
+    unguided = unguided or {}
     note = ""
     if unguided:
         names = ", ".join(sorted(unguided))
@@ -225,12 +228,13 @@ def unit_page(plan: Plan, name: str, unit: int) -> str:
 
 
 def nearest_units(plan: Plan, name: str, unit: int) -> str:
-    g = plan.first_unit[name] + unit
+    nearest = plan.nearest
+    g = nearest.first[name] + unit
     tiles = []
-    for other, shared in zip(plan.near_index[g], plan.near_count[g], strict=True):
+    for other, shared in zip(nearest.index[g], nearest.count[g], strict=True):
         if other < 0:
             break
-        layer, channel = plan.unit_layer[other], int(plan.unit_channel[other])
+        layer, channel = nearest.layer[other], int(nearest.channel[other])
         label = f"{layer} {channel}" if layer != name else str(channel)
         tiles.append(tile(plan, layer, channel, 2, label=f"{label} · {shared} shared"))
     return f'<div class="tiles near">{"".join(tiles)}</div>' if tiles else "<p>No unit shares a top image.</p>"
@@ -291,8 +295,9 @@ def images_page(plan: Plan) -> str:
     return document("images · actindex atlas", body, 1)
 
 
-def write_pages(plan: Plan) -> int:
-    """Every page and the static files; returns how many files were written."""
+def write_pages(plan: Plan, unguided: dict[str, dict[str, int]], sizes: dict[int, tuple[int, int]]) -> int:
+    """Every page and the static files, with what the pictures' tasks found (`unguided` per layer, the images'
+    original `sizes`); returns how many files were written."""
     site = plan.site
     static = resources.files("actindex.query.atlas") / "static"
     for name in ("atlas.css", "atlas.js"):
@@ -303,7 +308,8 @@ def write_pages(plan: Plan) -> int:
         atomic_write(site / plan.layer_url(name), layer_page(plan, name).encode())
         written += 1
         for unit in plan.pages.get(name, ()):
-            atomic_write(site / plan.unit_url(name, unit), unit_page(plan, name, unit).encode())
+            page = unit_page(plan, name, unit, sizes, unguided.get(name, {}))
+            atomic_write(site / plan.unit_url(name, unit), page.encode())
             written += 1
     shown = appearances(plan)
     pages = set(plan.image_pages)

@@ -80,7 +80,7 @@ def index_identity(reader: IndexReader) -> str:
 
 
 @dataclass
-class Manifest:
+class SiteManifest:
     """atlas.json: the index a site shows, how its images are encoded, and what it holds so far."""
 
     index: str
@@ -105,7 +105,7 @@ class Manifest:
         atomic_write(site / MANIFEST, (json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n").encode())
 
     @staticmethod
-    def read(site: Path) -> Manifest | None:
+    def read(site: Path) -> SiteManifest | None:
         """The site's manifest, None for an empty or new folder; anything else is refused."""
         path = site / MANIFEST
         if site.exists() and not site.is_dir():
@@ -122,7 +122,7 @@ class Manifest:
         if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
             raise UserError(f"'{path}' is not an actindex atlas manifest of version {MANIFEST_VERSION} "
                             f"(format {data.get('format')!r}, version {data.get('version')!r}); give a new folder")
-        return Manifest(index=data["index"], identity=data["identity"], image_format=data["image_format"],
+        return SiteManifest(index=data["index"], identity=data["identity"], image_format=data["image_format"],
                         data_root=str(data.get("data_root", "")), weights=str(data.get("weights", "")),
                         layers=list(data["layers"]), units={k: list(v) for k, v in data["units"].items()},
                         dreams={k: list(v) for k, v in data["dreams"].items()},
@@ -143,9 +143,21 @@ class Layer:
         return self.hits.name
 
 
-@dataclass
+@dataclass(frozen=True)
+class NearestUnits:
+    """Each unit's nearest units over all the atlas's layers (by overlap of their top-k image sets). Global unit g
+    is (layer[g], channel[g]); a layer's unit 0 is global unit first[layer]."""
+
+    layer: list[str]
+    channel: np.ndarray  # (U,) int64
+    index: np.ndarray  # (U, n) global units, -1 where fewer share an image
+    count: np.ndarray  # (U, n) images shared
+    first: dict[str, int]
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Everything a worker or a page needs, read from the index and the manifest once, picklable."""
+    """Everything a worker or a page needs, read from the index and the manifest once, complete; picklable."""
 
     index: Path
     site: Path
@@ -158,17 +170,10 @@ class Plan:
     layers: dict[str, Layer]  # the atlas's layers, in index order
     pages: dict[str, list[int]]  # units with a page, per layer, sorted
     dreams: dict[str, set[int]]
-    unguided: dict[str, dict[str, int]]
-    # Nearest units over all units of the atlas's layers; global unit g is (unit_layer[g], unit_channel[g]).
-    unit_layer: list[str] = field(default_factory=list)
-    unit_channel: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    near_index: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (U, n), -1 empty
-    near_count: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
-    first_unit: dict[str, int] = field(default_factory=dict)  # global index of each layer's unit 0
-    image_pages: list[int] = field(default_factory=list)  # ids with a page, sorted
-    image_sizes: dict[int, tuple[int, int]] = field(default_factory=dict)  # original (height, width)
-    neighbours: dict[int, list[tuple[int, float]]] | None = None  # None: the index has no similarity index
-    similarity_layer: str = ""
+    nearest: NearestUnits
+    image_pages: list[int]  # ids with a page, sorted
+    neighbours: dict[int, list[tuple[int, float]]] | None  # per image page; None: the index has no FAISS file
+    similarity_layer: str  # the layer the neighbours are nearest by
 
     @property
     def ext(self) -> str:
