@@ -1,1 +1,29 @@
-"""x"""
+"""actindex.kernels: the pure tensor primitives the indexer and the queries share, with no I/O.
+
+Running top-k with exact merges (`RunningTopK`), order-independent exact sums (`ExactSum`), spatial max and
+mean, receptive-field geometry of any model (`trace_geometry`), guided backprop that sees every ReLU
+(`GuidedBackprop`), Gaussian blur, nearest units by top-k overlap, a frozen-model context, and `UserError`,
+the error every layer raises for bad input.
+"""
+
+from typing import TYPE_CHECKING
+
+from .lazy import exports
+
+if TYPE_CHECKING:
+    from .blur import gaussian_blur as gaussian_blur
+    from .errors import UserError as UserError
+    from .exact_sum import ExactSum as ExactSum
+    from .frozen import frozen as frozen
+    from .guided import GuidedBackprop as GuidedBackprop
+    from .overlap import nearest_by_overlap as nearest_by_overlap
+    from .receptive_field import LayerGeometry as LayerGeometry
+    from .receptive_field import trace_geometry as trace_geometry
+    from .topk import RunningTopK as RunningTopK
+    from .topk import TopKResult as TopKResult
+
+_NAMES = {"gaussian_blur": "blur", "UserError": "errors", "ExactSum": "exact_sum", "frozen": "frozen",
+          "GuidedBackprop": "guided", "nearest_by_overlap": "overlap", "LayerGeometry": "receptive_field",
+          "trace_geometry": "receptive_field", "RunningTopK": "topk", "TopKResult": "topk"}
+__all__ = sorted(_NAMES)
+__getattr__ = exports(__name__, _NAMES)

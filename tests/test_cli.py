@@ -285,3 +285,15 @@ def test_commands_import_only_what_they_need(data: Path, weights: Path, tmp_path
     assert imported("info", out) == ""
     assert imported("faiss", out) == ""
     assert imported("neuron", out, "--layer", "down", "--unit", "1", "--json", "--device", "cpu") == "torch"
+
+
+def test_the_packages_export_the_public_api_and_import_nothing_heavy_until_used() -> None:
+    code = ("import sys, importlib\n"
+            "packages = [importlib.import_module(f'actindex.{name}') for name in ('kernels', 'indexer', 'query')]\n"
+            "assert 'torch' not in sys.modules, 'importing the packages imported torch'\n"
+            "for package in packages:\n"
+            "    assert package.__doc__ and len(package.__doc__) > 80, package.__name__\n"
+            "    for name in package.__all__:\n"
+            "        assert getattr(package, name).__name__ == name, (package.__name__, name)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
