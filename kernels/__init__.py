@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .blur import gaussian_blur as gaussian_blur
     from .errors import UserError as UserError
     from .exact_sum import ExactSum as ExactSum
-    from .frozen import frozen as frozen
+    from .freeze import frozen as frozen
     from .guided import GuidedBackprop as GuidedBackprop
     from .overlap import nearest_by_overlap as nearest_by_overlap
     from .receptive_field import LayerGeometry as LayerGeometry
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .topk import RunningTopK as RunningTopK
     from .topk import TopKResult as TopKResult
 
-_NAMES = {"gaussian_blur": "blur", "UserError": "errors", "ExactSum": "exact_sum", "frozen": "frozen",
+_NAMES = {"gaussian_blur": "blur", "UserError": "errors", "ExactSum": "exact_sum", "frozen": "freeze",
           "GuidedBackprop": "guided", "nearest_by_overlap": "overlap", "LayerGeometry": "receptive_field",
           "trace_geometry": "receptive_field", "RunningTopK": "topk", "TopKResult": "topk"}
 __all__ = sorted(_NAMES)

@@ -68,7 +68,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import not_found
-from .frozen import frozen
+from .freeze import frozen
 
 __all__ = ["AxisField", "LayerGeometry", "boxes", "trace_geometry"]
 

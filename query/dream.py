@@ -38,7 +38,7 @@ from actindex.indexer.images import Normalize
 from actindex.indexer.taps import first_tensor, layer_value
 from actindex.kernels.blur import gaussian_blur
 from actindex.kernels.errors import UserError, not_found
-from actindex.kernels.frozen import frozen
+from actindex.kernels.freeze import frozen
 
 OBJECTIVES = ("center", "mean", "logit")
 INIT_STD = 0.1  # of the initial noise, in normalized units: a faint texture around the mean colour

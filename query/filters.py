@@ -26,7 +26,7 @@ from torch import nn
 
 from actindex.indexer.taps import first_reached
 from actindex.kernels.errors import UserError, not_found
-from actindex.kernels.frozen import frozen
+from actindex.kernels.freeze import frozen
 
 BACKGROUND = 255  # white: stands apart from the mid-grey of zero weights
 

@@ -22,7 +22,7 @@ from actindex.indexer.images import Normalize
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.taps import layer_value
 from actindex.kernels.errors import UserError
-from actindex.kernels.frozen import frozen
+from actindex.kernels.freeze import frozen
 from actindex.kernels.guided import GuidedBackprop
 
 from .loading import LoadedImage, data_root, load_index_images, load_index_model

@@ -148,7 +148,7 @@ def _explain(result: SimilarResult, model: nn.Module, query: np.ndarray, info: I
     import torch
 
     from actindex.indexer.images import Normalize
-    from actindex.kernels.frozen import frozen
+    from actindex.kernels.freeze import frozen
     from actindex.kernels.guided import GuidedBackprop
 
     pixels = torch.stack([image.pixels for image in result.images])  # (k, 3, S, S) uint8
