@@ -30,7 +30,7 @@ from actindex.query.cli import main
 from actindex.query.neuron import query_neuron
 from actindex.query.render import map_image
 
-from test_build import SIZE, tiny_index
+from helpers import SIZE, tiny_index
 
 LAYERS = ("block", "down", "head")
 

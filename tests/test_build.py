@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -17,26 +16,12 @@ from actindex.indexer.build import BuildConfig, build_index
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
 
+from helpers import LAYERS, SIZE, make_images, run_build
 from tiny_models import tiny_net
 
-LAYERS = ("stem", "block", "down", "head")
-SIZE = 48
 # (size, stride, padding) per axis, worked out by hand in TinyNet's docstring; head sees the whole input.
 FIELDS = {"stem": ((5, 2, 2), (5, 2, 2)), "block": ((25, 4, 12), (17, 4, 8)),
           "down": ((33, 8, 16), (25, 8, 12)), "head": ((SIZE, SIZE, 0), (SIZE, SIZE, 0))}
-
-
-def make_images(root: Path, n: int = 37, seed: int = 0) -> None:
-    """Class folders of smooth random images of varied sizes, and one corrupt file."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        folder = root / f"class{i % 3}"
-        folder.mkdir(parents=True, exist_ok=True)
-        small = rng.integers(0, 256, (rng.integers(3, 9), rng.integers(3, 9), 3), dtype=np.uint8)
-        w, h = int(rng.integers(40, 120)), int(rng.integers(40, 120))
-        image = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
-        image.save(folder / f"img{i:03d}.png")
-    (root / "class1" / "img_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
 
 
 @pytest.fixture(scope="module")
@@ -97,27 +82,6 @@ def expected_box(y: int, x: int, field: tuple[tuple[int, int, int], tuple[int, i
     (ry, sy, py), (rx, sx, px) = field
     y0, x0 = y * sy - py, x * sx - px
     return [max(y0, 0), max(x0, 0), min(y0 + ry, SIZE), min(x0 + rx, SIZE)]
-
-
-def run_build(data: Path, weights: Path, out: Path, batch_size: int = 8, workers: int = 0, k: int = 5,
-              layers: tuple[str, ...] = LAYERS, embed_layer: str = "down", factory: str | None = None) -> Path:
-    build_index(BuildConfig(data=data, model="tiny_models:tiny_net", out=out, weights=str(weights),
-                            layers=layers, k=k, input_size=SIZE, batch_size=batch_size, workers=workers,
-                            embed_layer=embed_layer, device="cpu", faiss_factory=factory))
-    return out
-
-
-def tiny_index(root: Path, layers: tuple[str, ...], k: int, n: int, seed: int,
-               prepare: Callable[[Path], None] | None = None) -> tuple[Path, Path, Path]:
-    """(index, data, weights) under `root`: `n` generated images and one unreadable file (plus what `prepare`
-    adds to the folder), tiny_net's weights in a file, and a CPU index of them with its FAISS file."""
-    data = root / "data"
-    make_images(data, n=n, seed=seed)
-    if prepare is not None:
-        prepare(data)
-    weights = root / "tiny.pt"
-    torch.save(tiny_net().state_dict(), weights)
-    return run_build(data, weights, root / "index.h5", k=k, layers=layers), data, weights
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from actindex.query.cli import main
 
-from test_build import make_images
+from helpers import make_images
 from tiny_models import tiny_net
 
 TINY = ["--model", "tiny_models:tiny_net", "--input-size", "48", "--workers", "0", "--device", "cpu"]

@@ -29,7 +29,7 @@ from actindex.indexer.build import BuildConfig, Fault, InjectedFault, build_inde
 from actindex.indexer.checkpoint import partial_dir, state_path
 from actindex.kernels.errors import UserError
 
-from test_build import LAYERS, SIZE, make_images
+from helpers import LAYERS, SIZE, make_images
 
 TESTS = Path(__file__).parent
 BATCH = 4
@@ -273,9 +273,11 @@ def test_resume_with_another_number_of_processes_is_refused(data: Path, weights:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_from_outside_at_a_random_moment_then_resume(data: Path, weights: Path, reference: Path,
-                                                            tmp_path: Path) -> None:
-    """A real `actindex build` killed with SIGKILL wherever it happens to be, perhaps mid-checkpoint."""
+                                                            tmp_path: Path, seed: int) -> None:
+    """A real `actindex build` killed with SIGKILL wherever it happens to be, perhaps mid-checkpoint. The moment
+    is drawn from a seeded generator (the seed is in the test's name), so a failure names the delay to retry."""
     out = tmp_path / "index.h5"
     args = cli_args(data, weights, out)
     args[args.index("tiny_models:tiny_net")] = "tiny_models:slow_tiny_net"  # same weights, 50 ms per batch
@@ -284,13 +286,14 @@ def test_sigkill_from_outside_at_a_random_moment_then_resume(data: Path, weights
     deadline = time.monotonic() + 120
     while not state_path(partial_dir(out), 0).exists() and time.monotonic() < deadline:
         time.sleep(0.005)
-    time.sleep(random.uniform(0.0, 0.25))  # noqa: S311 - a random moment, not a secret
+    delay = random.Random(seed).uniform(0.0, 0.25)  # noqa: S311 - a random moment, not a secret
+    time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert process.returncode == -signal.SIGKILL and not out.exists(), "the build finished before the kill"
+    assert process.returncode == -signal.SIGKILL and not out.exists(), f"the build finished before the kill ({delay} s)"
     resumed = subprocess.run([sys.executable, "-m", "actindex.indexer", *args, "--resume"], env=environment(),
                              capture_output=True, text=True, timeout=240, check=False)
-    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.returncode == 0, f"killed after {delay} s: {resumed.stderr}"
     # The slow model is the same network under another factory name: only `model` and `config` differ.
     assert_same_index(out, reference, ignore=frozenset({"model", "config"}))
 

@@ -21,7 +21,7 @@ from actindex.query.cli import main
 from actindex.query.neuron import attribute, query_neuron
 from actindex.query.render import TILE, neuron_sheet, patch
 
-from test_build import SIZE, tiny_index
+from helpers import SIZE, tiny_index
 from tiny_models import tiny_net
 
 LAYERS = ("stem", "block", "down", "head")

@@ -13,7 +13,7 @@ from PIL import Image
 from actindex.indexer.build import BuildConfig, build_index
 from actindex.query.cli import main
 
-from test_build import SIZE, make_images
+from helpers import SIZE, make_images
 from tiny_models import tiny_net
 
 

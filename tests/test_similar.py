@@ -22,7 +22,7 @@ from actindex.query.cli import main
 from actindex.query.render import GAP, TILE
 from actindex.query.similar import find_similar
 
-from test_build import SIZE, run_build, tiny_index
+from helpers import SIZE, run_build, tiny_index
 
 LAYERS = ("block", "down")
 
