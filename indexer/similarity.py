@@ -44,14 +44,14 @@ _BLOCK_BYTES = 64 << 20  # rows read per block: 64 MB of float32, e.g. 32768 row
 _CALIBRATION_K = 10  # recall@10 is what the user sees on a result page
 _CALIBRATION_QUERIES = 500
 _RECALL_MARGIN = 0.01  # the sample's recall is an estimate: aim a little above the target
-_TRAIN_PER_LIST = 64  # k-means sample per IVF list; faiss wants 39..256, 64 keeps 1M x 512 training < 1 min
-_REFINE_K_FACTOR = 16  # Refine(…) re-ranks 16 k candidates exactly: 4 k plateaus at 0.92 recall at 1M x 512
+_TRAIN_PER_LIST = 64  # k-means sample per IVF list: faiss wants 39..256; the low end keeps training short
+_REFINE_K_FACTOR = 16  # Refine(…) re-ranks 16 k candidates exactly; 4 k loses recall at 1M (docs/BENCHMARKS.md)
 _TRAIN_OTHER = 65536  # sample for non-IVF trained indexes (PQ / SQ codebooks: 256 centroids x 256 points)
 
 # choose_factory's thresholds, explained in its docstring.
-_FLAT_MAX_FLOATS = 16 << 20  # 64 MB of float32: one brute-force query stays under ~5 ms on a 2-core laptop
+_FLAT_MAX_FLOATS = 16 << 20  # 64 MB of float32: the most one exact (brute-force) query may scan
 _FLAT_MIN_ROWS = 2000  # below this an IVF has too few points per list to train on
-_IVF_FLAT_MAX_FLOATS = 64 << 20  # 256 MB: nprobe ~32 of 1024 lists scans ~8 MB, ~1.5 ms; fast-scan PQ beyond
+_IVF_FLAT_MAX_FLOATS = 64 << 20  # 256 MB of raw vectors in IVF lists; beyond, lists hold fast-scan PQ codes
 _MEMORY_BUDGET = 4 << 30  # bytes of vector codes an index may keep in RAM
 _KMEANS_BUDGET = _TRAIN_PER_LIST * 1024 * 1024 * 512  # train rows x lists x dim per k-means iteration
 
@@ -89,20 +89,20 @@ def _valid_rows(block: np.ndarray) -> np.ndarray:
 
 
 def choose_factory(n: int, dim: int) -> str:
-    """The index a careful engineer picks for n vectors of dim dimensions on a 2-core laptop.
+    """The index for n vectors of dim dimensions, chosen so that one query scans little memory. The latency and
+    recall each regime reaches are measured by scripts/bench_search.py (docs/BENCHMARKS.md).
 
     * Exact ("Flat") while the vectors take at most 64 MB (n * dim <= 16 Mi floats, e.g. 32k x 512 or 8k x
-      2048; a brute-force query scans ~0.15 ms per MB on 2 cores: 1.4 ms at 10k x 512, 19 ms at 100k x 512,
-      so ~5 ms at the limit) or n < 2000 (too few points to train an IVF).
+      2048) or n < 2000 (too few points to train an IVF).
     * Otherwise IVF with nlist = the power of two nearest 4 * sqrt(n), capped so that k-means costs at most
       64 * 1024^2 * 512 multiply-adds per iteration (64 training points per list): 1024 lists at 512
-      dimensions (1M x 512 -> IVF1024, trains in well under a minute), 512 at 2048. 100k -> IVF1024.
-    * Codes, by what one query must scan (~1 us per 512-float vector, single-threaded, memory bound here):
-      - raw float32 ("Flat") while n * dim <= 64 Mi floats (256 MB; 100k x 512 -> 1.5 ms per query);
+      dimensions (1M x 512 -> IVF1024), 512 at 2048. 100k -> IVF1024.
+    * Codes, by what one query must scan:
+      - raw float32 ("Flat") while n * dim <= 64 Mi floats (256 MB);
       - while the raw vectors fit in 4 GB (n * dim * 4 <= 4 GB, 1M x 512 = 2 GB): 4-bit fast-scan PQ with 2
         dimensions per code ("PQ{dim/2}x4fs", 1/16 of the bytes, scanned in SIMD registers) re-ranked exactly
-        on the raw vectors ("RFlat", 16 k candidates): 1M x 512 -> 0.986 recall@10 at 3 ms p50, where IVF-Flat
-        needs 32 ms;
+        on the raw vectors ("RFlat", 16 k candidates), which keeps the recall of IVF-Flat at a tenth of its
+        scan;
       - 8-bit scalar quantization ("SQ8", 1 byte per dimension) while n * dim <= 4 GB (ImageNet, 1.28M x
         2048 = 10.5 GB raw -> 2.6 GB);
       - beyond that product quantization "PQm" with m bytes per vector, the largest divisor of dim that is at
