@@ -297,3 +297,20 @@ def test_the_packages_export_the_public_api_and_import_nothing_heavy_until_used(
             "        assert getattr(package, name).__name__ == name, (package.__name__, name)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_readme_s_python_example_compiles_and_imports_what_exists() -> None:
+    """It downloads weights, so it cannot run here; every name it imports must exist, and it must parse."""
+    import ast
+    import importlib
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    tree = ast.parse(example)
+    imports = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+               and node.module.startswith("actindex")]
+    assert imports
+    for node in imports:
+        module = importlib.import_module(node.module)  # type: ignore[arg-type]
+        for alias in node.names:
+            assert hasattr(module, alias.name), f"{node.module}.{alias.name}"
