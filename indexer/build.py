@@ -56,6 +56,7 @@ class BuildSummary:
     world_size: int = 1
     resumed: int | None = None  # images taken from a checkpoint; None when --resume was not given
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # rank 0's seconds per stage
+    faiss_note: str = ""  # when the similarity index's calibration missed its target: what it reached, what to do
 
     @property
     def images_per_second(self) -> float:
@@ -89,6 +90,7 @@ class _Build:
         self.timings = {"stream": 0.0, "checkpoint": 0.0, "merge": 0.0, "write": 0.0, "faiss": 0.0}
         self._shown = (0, 0)  # the job's (images, skipped) the progress bar has been told about
         self.lock: BuildLock | None = None  # this rank's slot of the partial build, held while it runs
+        self.faiss_note = ""
 
     def _show(self, bar: Progress, totals: tuple[int, int] | None) -> None:
         if totals is not None:
@@ -153,7 +155,7 @@ class _Build:
             clear_partial(self.folder, keep_locks=False)
         n = len(plan.images.paths)
         return BuildSummary(config.out, n, n - skipped, skipped, seconds, tuple(plan.geometry), plan.embed_layer,
-                            plan.device.type, job.rank, job.world_size, resumed, dict(self.timings))
+                            plan.device.type, job.rank, job.world_size, resumed, dict(self.timings), self.faiss_note)
 
     def _prepare(self) -> int | None:
         """Rank 0: lock the partial build, check it for resuming, or start a new one. Returns the images
@@ -231,8 +233,8 @@ class _Build:
                                 "rerun with --resume")
             skipped += state.skipped
         files = [(rows_path(self.folder, rank), start, end) for rank, (start, end) in enumerate(self.shards)]
-        self.timings["faiss"] = write_index(self.plan, accumulator, skipped,
-                                            lambda dataset: copy_row_files(dataset, files, self.plan.embed_dim),
-                                            self.job.world_size, seconds)
+        self.timings["faiss"], self.faiss_note = write_index(
+            self.plan, accumulator, skipped, lambda dataset: copy_row_files(dataset, files, self.plan.embed_dim),
+            self.job.world_size, seconds)
         self.timings["write"] = time.perf_counter() - tick
         return len(skipped)

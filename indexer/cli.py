@@ -131,6 +131,8 @@ def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[
     click.echo(f"Layers: {', '.join(summary.layers)}; embeddings: {summary.embed_layer or 'none'}")
     if summary.skipped:
         click.echo(f"Skipped files are listed by 'actindex info {summary.out}'")
+    if summary.faiss_note:
+        click.echo(f"Warning: {summary.faiss_note}", err=True)
     click.echo(f"Wrote {summary.out}")
 
 
@@ -223,8 +225,11 @@ def info(index: Path, as_json: bool) -> None:
                    f"rebuild it with: actindex faiss {index}")
     elif vectors:
         recall = f", recall@10 {vectors['recall_at_10']:.3f}" if vectors.get("recall_at_10", -1) >= 0 else ""
+        rerank = f", {10 * vectors['rerank']} candidates re-ranked per 10" if vectors.get("rerank", 1) > 1 else ""
         click.echo(f"  similarity index {vectors['index']}: {vectors['factory']} over {vectors['count']} vectors "
-                   f"of '{vectors['layer']}'{recall}")
+                   f"of '{vectors['layer']}'{rerank}{recall}")
+        if vectors.get("note"):
+            click.echo(f"  warning: {vectors['note']}")
     for item in summary["skipped"]:
         click.echo(f"  skipped {item['path']}: {item['reason']}")
 
@@ -261,8 +266,11 @@ def faiss_command(index: Path, layer: str | None, factory: str | None) -> None:
     recall = f", recall@10 {info.recall_at_10:.3f} against exact search" if info.recall_at_10 is not None else \
         " (exact search)"
     nprobe = f", nprobe {info.nprobe}" if info.nprobe is not None else ""
+    rerank = f", {10 * info.rerank} candidates re-ranked exactly per 10 results" if info.rerank > 1 else ""
     click.echo(f"Indexed {info.count} vectors of '{chosen}' ({info.dim} dimensions) with {info.factory}{nprobe}"
-               f"{recall} in {info.seconds:.1f} s")
+               f"{rerank}{recall} in {info.seconds:.1f} s")
+    if info.note:
+        click.echo(f"Warning: {info.note}", err=True)
     click.echo(f"Wrote {path}")
 
 

@@ -59,11 +59,14 @@ class FaissRecord:
     nprobe: int | None  # None: not an IVF index
     count: int  # vectors in it
     recall_at_10: float | None  # measured against exact search; None for exact indexes
+    rerank: int = 1  # candidates re-ranked exactly on the stored vectors per result asked for; 1: none
+    note: str = ""  # set when the calibration could not reach its target: what it reached, what to do
 
     def to_attrs(self) -> dict[str, Any]:
         return {"faiss_index": self.name, "faiss_layer": self.layer, "faiss_factory": self.factory,
                 "faiss_nprobe": -1 if self.nprobe is None else self.nprobe, "faiss_count": self.count,
-                "faiss_recall_at_10": -1.0 if self.recall_at_10 is None else self.recall_at_10}
+                "faiss_recall_at_10": -1.0 if self.recall_at_10 is None else self.recall_at_10,
+                "faiss_rerank": self.rerank, "faiss_note": self.note}
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ class IndexInfo:
             nprobe, recall = int(attrs.get("faiss_nprobe", -1)), float(attrs.get("faiss_recall_at_10", -1.0))
             faiss = FaissRecord(str(attrs["faiss_index"]), str(attrs.get("faiss_layer", "")),
                                 str(attrs.get("faiss_factory", "")), nprobe if nprobe >= 0 else None,
-                                int(attrs.get("faiss_count", 0)), recall if recall >= 0 else None)
+                                int(attrs.get("faiss_count", 0)), recall if recall >= 0 else None,
+                                int(attrs.get("faiss_rerank", 1)), str(attrs.get("faiss_note", "")))
         build = BuildRecord(str(attrs.get("created", "")), float(attrs.get("seconds", 0.0)),
                             float(attrs.get("images_per_second", 0.0)), str(attrs.get("device", "")),
                             int(attrs.get("world_size", 1)), str(attrs.get("actindex_version", "")),
@@ -152,10 +156,11 @@ class IndexWriter:
         group.create_dataset("reason", data=np.array([r for _, r in skipped], dtype=object), dtype=_STR)
 
     def create_embeddings(self, name: str, rows: int, dim: int) -> h5py.Dataset:
-        """An (N, D) float32 dataset filled with NaN, written in row blocks as images stream."""
-        chunk_rows = max(1, min(rows, (1 << 20) // (4 * max(dim, 1))))  # ~1 MiB chunks
-        return self.h5.create_dataset(f"embeddings/{name}", shape=(rows, dim), dtype=np.float32,
-                                      chunks=(chunk_rows, dim) if rows else None, fillvalue=np.nan)
+        """An (N, D) little-endian float32 dataset, stored contiguously so that a query can read any row at its
+        offset in the file (`similarity.StoredVectors`). The writer writes every row (NaN for unreadable images):
+        nothing is filled in first, which would write the whole matrix twice."""
+        return self.h5.create_dataset(f"embeddings/{name}", shape=(rows, dim), dtype="<f4", fillvalue=np.nan,
+                                      fill_time="never")
 
     def write_mean(self, name: str, mean: np.ndarray) -> None:
         self.h5.create_dataset(f"layers/{name}/mean", data=np.asarray(mean, dtype=np.float64))
@@ -231,7 +236,30 @@ class IndexReader:
         return list(self.h5["embeddings"].keys()) if "embeddings" in self.h5 else []
 
     def image_paths(self) -> list[str]:
+        """Every image path, in id order: N strings (a query reads the few it needs with `paths_of`)."""
         return list(self.h5["images/path"].asstr()[()])
+
+    def paths_of(self, ids: Sequence[int]) -> list[str]:
+        """The paths of images `ids` (any order, repeats allowed), read by id: the cost does not grow with N."""
+        return [str(path) for path in self._by_id("images/path", ids, text=True)]
+
+    def labels_of(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids),) int32 class labels of images `ids`, read by id."""
+        return np.asarray(self._by_id("images/label", ids), dtype=np.int32)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.h5["images/path"].shape[0])
+
+    def _by_id(self, name: str, ids: Sequence[int], text: bool = False) -> np.ndarray:
+        wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(wanted) == 0:
+            return np.zeros(0, dtype=object if text else np.int32)
+        if wanted.min() < 0 or wanted.max() >= self.num_images:
+            raise UserError(f"image id out of range: '{self.path}' has images 0-{self.num_images - 1}")
+        unique, inverse = np.unique(wanted, return_inverse=True)  # h5py reads increasing ids only
+        dataset = self.h5[name].asstr() if text else self.h5[name]
+        return np.asarray(dataset[unique], dtype=object if text else None)[inverse]
 
     def image_labels(self) -> np.ndarray:
         return self.h5["images/label"][()]
@@ -295,6 +323,7 @@ class IndexReader:
             summary["faiss"] = {"index": record.name, "layer": record.layer, "factory": record.factory,
                                 "nprobe": -1 if record.nprobe is None else record.nprobe, "count": record.count,
                                 "recall_at_10": -1.0 if record.recall_at_10 is None else record.recall_at_10,
+                                "rerank": record.rerank, "note": record.note,
                                 # named by the file; it may have been deleted, or not copied with it
                                 "present": info.faiss_path.is_file()}
         return summary

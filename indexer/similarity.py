@@ -24,6 +24,7 @@ relative to the HDF5 file's folder (`faiss_index`), with the layer, factory stri
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -38,21 +39,26 @@ import numpy as np
 from actindex.kernels.errors import UserError
 
 from .atomic import atomic_path
-from .index_file import FaissRecord, IndexInfo, IndexReader
+from .index_file import FaissRecord, IndexReader
 
 _BLOCK_BYTES = 64 << 20  # rows read per block: 64 MB of float32, e.g. 32768 rows of 512
 _CALIBRATION_K = 10  # recall@10 is what the user sees on a result page
 _CALIBRATION_QUERIES = 500
 _RECALL_MARGIN = 0.01  # the sample's recall is an estimate: aim a little above the target
 _TRAIN_PER_LIST = 64  # k-means sample per IVF list: faiss wants 39..256; the low end keeps training short
-_REFINE_K_FACTOR = 16  # Refine(…) re-ranks 16 k candidates exactly; 4 k loses recall at 1M (docs/BENCHMARKS.md)
 _TRAIN_OTHER = 65536  # sample for non-IVF trained indexes (PQ / SQ codebooks: 256 centroids x 256 points)
+# Candidates re-ranked exactly per result asked for, tried by the calibration: 10 to 640 for recall@10.
+_RERANK_FACTORS = (1, 2, 4, 8, 16, 32, 64)
+_USER_REFINE_K_FACTOR = 16
+# The calibration's cost of a search, in units of one 4-bit code scanned: re-ranking a candidate reads and
+# multiplies its D floats, which costs about 0.6 D codes' scan (docs/BENCHMARKS.md, similarity search).
+_CANDIDATE_COST_PER_DIM = 0.6
 
 # choose_factory's thresholds, explained in its docstring.
 _FLAT_MAX_FLOATS = 16 << 20  # 64 MB of float32: the most one exact (brute-force) query may scan
 _FLAT_MIN_ROWS = 2000  # below this an IVF has too few points per list to train on
-_IVF_FLAT_MAX_FLOATS = 64 << 20  # 256 MB of raw vectors in IVF lists; beyond, lists hold fast-scan PQ codes
-_MEMORY_BUDGET = 4 << 30  # bytes of vector codes an index may keep in RAM
+_REDUCED_DIM = 256  # vectors are PCA-rotated and cut to this many dimensions for the candidate search
+_MEMORY_BUDGET = 4 << 30  # bytes the codes (and their ids) of an index may keep in RAM
 _KMEANS_BUDGET = _TRAIN_PER_LIST * 1024 * 1024 * 512  # train rows x lists x dim per k-means iteration
 
 
@@ -62,17 +68,19 @@ class VectorSource(Protocol):
     @property
     def shape(self) -> tuple[int, ...]: ...
 
-    def __getitem__(self, rows: slice) -> Any: ...
+    def __getitem__(self, rows: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
 class VectorIndexInfo:
-    factory: str  # faiss index_factory string actually used, e.g. "IDMap2,Flat" or "IVF1024,Flat"
+    factory: str  # faiss index_factory string actually used, e.g. "IDMap2,Flat" or "PCAR256,IVF1024,PQ128x4fs"
     nprobe: int | None  # IVF indexes: the calibrated value, saved inside the index file
+    rerank: int  # candidates re-ranked exactly on the stored vectors per result asked for; 1: none (exact index)
     count: int  # vectors added
     dim: int
     recall_at_10: float | None  # approximate indexes: on held-out sample queries against exact search
     seconds: float  # build time
+    note: str = ""  # when the calibration could not reach the target recall: what it reached and what to do
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -89,42 +97,33 @@ def _valid_rows(block: np.ndarray) -> np.ndarray:
 
 
 def choose_factory(n: int, dim: int) -> str:
-    """The index for n vectors of dim dimensions, chosen so that one query scans little memory. The latency and
-    recall each regime reaches are measured by scripts/bench_search.py (docs/BENCHMARKS.md).
+    """The index for n vectors of dim dimensions: exact while one query may scan them all, else a compact
+    candidate search whose candidates are re-ranked exactly on the stored vectors (`SimilarityIndex`). The
+    latency, recall, memory and build time each regime reaches are measured by scripts/bench_search.py and
+    scripts/bench_scale.py (docs/BENCHMARKS.md); the rule for 10M and 100M vectors is worked out there.
 
     * Exact ("Flat") while the vectors take at most 64 MB (n * dim <= 16 Mi floats, e.g. 32k x 512 or 8k x
       2048) or n < 2000 (too few points to train an IVF).
-    * Otherwise IVF with nlist = the power of two nearest 4 * sqrt(n), capped so that k-means costs at most
-      64 * 1024^2 * 512 multiply-adds per iteration (64 training points per list): 1024 lists at 512
-      dimensions (1M x 512 -> IVF1024), 512 at 2048. 100k -> IVF1024.
-    * Codes, by what one query must scan:
-      - raw float32 ("Flat") while n * dim <= 64 Mi floats (256 MB);
-      - while the raw vectors fit in 4 GB (n * dim * 4 <= 4 GB, 1M x 512 = 2 GB): 4-bit fast-scan PQ with 2
-        dimensions per code ("PQ{dim/2}x4fs", 1/16 of the bytes, scanned in SIMD registers) re-ranked exactly
-        on the raw vectors ("RFlat", 16 k candidates), which keeps the recall of IVF-Flat at a tenth of its
-        scan;
-      - 8-bit scalar quantization ("SQ8", 1 byte per dimension) while n * dim <= 4 GB (ImageNet, 1.28M x
-        2048 = 10.5 GB raw -> 2.6 GB);
-      - beyond that product quantization "PQm" with m bytes per vector, the largest divisor of dim that is at
-        most dim / 2 and keeps n * m <= 4 GB.
+    * Otherwise: a PCA rotation to at most 256 dimensions ("PCAR256", only when dim is larger), an IVF with
+      nlist = the power of two nearest 4 * sqrt(n), capped so that k-means costs at most 64 * 1024^2 * 512
+      multiply-adds per iteration (1.28M -> IVF1024), and 4-bit fast-scan PQ codes of 2 dimensions each
+      ("PQ128x4fs": 64 bytes a vector, scanned in SIMD registers), with half as many sub-quantizers, each
+      twice as wide, as long as codes and ids would pass 4 GB (100M -> PQ64x4fs).
+    Candidates come from the codes; the answer from the stored float32 vectors, so scores are exact cosines and
+    recall is limited only by how many candidates are re-ranked (calibrated, with nprobe, at build time).
     """
     if n * dim <= _FLAT_MAX_FLOATS or n < _FLAT_MIN_ROWS:
         return "Flat"
+    reduced = min(dim, _REDUCED_DIM)
     nlist = 2 ** round(np.log2(4 * np.sqrt(n)))
-    while nlist > 16 and _TRAIN_PER_LIST * nlist * nlist * dim > _KMEANS_BUDGET:
+    while nlist > 16 and _TRAIN_PER_LIST * nlist * nlist * reduced > _KMEANS_BUDGET:
         nlist //= 2
     nlist = min(nlist, max(16, n // 39))  # faiss wants >= 39 training points per list
-    if n * dim <= _IVF_FLAT_MAX_FLOATS or (dim % 2 and n * dim * 4 <= _MEMORY_BUDGET):
-        codes = "Flat"
-    elif n * dim * 4 <= _MEMORY_BUDGET:
-        codes = f"PQ{dim // 2}x4fs,RFlat"
-    elif n * dim <= _MEMORY_BUDGET:
-        codes = "SQ8"
-    else:
-        limit = min(dim // 2, max(1, _MEMORY_BUDGET // n))
-        m = max(d for d in range(1, limit + 1) if dim % d == 0)
-        codes = f"PQ{m}"
-    return f"IVF{nlist},{codes}"
+    m = reduced // 2 if reduced % 2 == 0 else reduced  # 4-bit codes of 2 dimensions (1 when odd)
+    while m % 2 == 0 and m > 8 and n * (m // 2 + 8) > _MEMORY_BUDGET:  # code bytes + an 8-byte id per vector
+        m //= 2
+    rotation = f"PCAR{reduced}," if reduced < dim else ""
+    return f"{rotation}IVF{nlist},PQ{m}x4fs"
 
 
 Progress = Callable[[str, int, int], None]  # (stage, rows done, rows in all): "sampling", then "adding"
@@ -135,10 +134,11 @@ def build_vector_index(vectors: VectorSource, factory: str | None = None,
                        seed: int = 0) -> tuple[faiss.Index, VectorIndexInfo]:
     """Index the valid rows of `vectors` (ids = row numbers) for cosine search; see the module docstring.
 
-    `factory` defaults to `choose_factory`. Approximate indexes train on a seeded sample of valid rows;
-    IVF indexes get the smallest power-of-two nprobe whose recall@10 on held-out sample queries reaches
-    `target_recall` + 0.01 (or nlist, if none does). `progress(stage, done, total)` counts the rows read by each
-    pass over the vectors: "sampling" (approximate indexes only), then "adding"; total is the number of rows.
+    `factory` defaults to `choose_factory`. Approximate indexes train on a seeded sample of valid rows, and are
+    calibrated on held-out sample queries against exact search: the cheapest power-of-two nprobe and re-rank
+    depth (`SimilarityIndex`) whose recall@10 reaches `target_recall` + 0.01; when none does, the best one, with
+    a note saying so and what to do. `progress(stage, done, total)` counts the rows read by each pass over the
+    vectors: "sampling" (approximate indexes only), then "adding"; total is the number of rows.
     """
     start_time = time.perf_counter()
     if len(vectors.shape) != 2:
@@ -181,18 +181,15 @@ def build_vector_index(vectors: VectorSource, factory: str | None = None,
     if count == 0:
         raise UserError(_no_valid_vectors(n))
 
-    nprobe: int | None = None
-    recall: float | None = None
+    nprobe: int | None = int(ivf.nprobe) if ivf is not None else None
+    rerank, recall, note = 1, None, ""
     if exact_top is not None and len(exact_top.query_ids):
-        truth = exact_top.result()
-        if ivf is not None:
-            nprobe, recall = _calibrate_nprobe(index, ivf, exact_top, truth, target_recall + _RECALL_MARGIN)
-        else:
-            recall = _recall(index, exact_top.queries, exact_top.query_ids, truth)
-    elif ivf is not None:
-        nprobe = int(ivf.nprobe)
-    info = VectorIndexInfo(factory=factory, nprobe=nprobe, count=count, dim=dim, recall_at_10=recall,
-                           seconds=time.perf_counter() - start_time)
+        goal = target_recall + _RECALL_MARGIN
+        nprobe, rerank, recall = _calibrate(index, ivf, StoredVectors(vectors), exact_top, goal, count)
+        if recall < target_recall:
+            note = _not_reached(recall, target_recall, factory, rerank, n, dim)
+    info = VectorIndexInfo(factory=factory, nprobe=nprobe, rerank=rerank, count=count, dim=dim,
+                           recall_at_10=recall, seconds=time.perf_counter() - start_time, note=note)
     return index, info
 
 
@@ -215,10 +212,79 @@ def read_vector_index(path: Path) -> faiss.Index:
         raise UserError(f"'{path}' is not a readable FAISS index ({_faiss_message(error)}); rebuild it") from error
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by cosine: (Q, D) queries -> (scores (Q, k) float32, ids (Q, k) int64), best first.
+class StoredVectors:
+    """Rows of an (N, D) array or HDF5 dataset by id, without reading the whole matrix: the exact copy that an
+    approximate index's candidates are re-ranked on. A contiguous float32 dataset of a file opened read-only
+    (what a build writes) is read with one `pread` per row at its offset in the file; anything else through
+    h5py (or numpy) indexing."""
 
-    Fewer than k results (small index, NaN or zero query row) are padded with id -1 and score -inf.
+    def __init__(self, vectors: VectorSource) -> None:
+        self.vectors = vectors
+        self.dim = int(vectors.shape[1])
+        self._fd: int | None = None
+        self._offset = 0
+        if isinstance(vectors, h5py.Dataset) and vectors.file.mode == "r" and vectors.chunks is None \
+                and vectors.compression is None and vectors.dtype == np.dtype("<f4"):
+            offset = vectors.id.get_offset()
+            if offset is not None:
+                self._fd, self._offset = os.open(vectors.file.filename, os.O_RDONLY), int(offset)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), D) float32: the rows of `ids` (valid ids, in any order, repeats allowed), in that order."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._fd is not None:
+            size = 4 * self.dim
+            data = b"".join(os.pread(self._fd, size, self._offset + int(i) * size) for i in ids)
+            return np.frombuffer(data, dtype=np.float32).reshape(len(ids), self.dim)
+        order, unique = np.unique(ids, return_inverse=True)  # h5py reads increasing ids only
+        return np.asarray(self.vectors[order], dtype=np.float32)[unique] if len(ids) else \
+            np.zeros((0, self.dim), dtype=np.float32)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class SimilarityIndex:
+    """A FAISS index searched by cosine: its candidates (`rerank` per result asked for) re-ranked exactly on the
+    stored vectors, so scores are exact cosines and the codes only need to find the candidates."""
+
+    index: faiss.Index
+    stored: StoredVectors | None = None  # None, or rerank 1: the index's own scores (exact for Flat)
+    rerank: int = 1
+    layer: str = ""  # the embedding layer it indexes
+
+    @property
+    def d(self) -> int:
+        return int(self.index.d)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k: (Q, D) queries -> (scores (Q, k) float32, ids (Q, k) int64), best first, ties to the lower id;
+        padded with id -1 and score -inf as `search` is."""
+        if self.stored is None or self.rerank <= 1:
+            return search(self.index, queries, k)
+        found_scores, found_ids = search(self.index, queries, min(k * self.rerank, max(k, self.index.ntotal)))
+        scores = np.full((len(found_ids), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(found_ids), k), -1, dtype=np.int64)
+        unit = normalize(np.array(queries, dtype=np.float32, ndmin=2))
+        for row, (candidates, query) in enumerate(zip(found_ids, unit, strict=True)):
+            candidates = candidates[candidates >= 0]
+            if len(candidates):
+                exact = normalize(self.stored.rows(candidates)) @ query  # (C,)
+                order = np.lexsort((candidates, -exact))[:k]
+                scores[row, :len(order)], ids[row, :len(order)] = exact[order], candidates[order]
+        return scores, ids
+
+    def close(self) -> None:
+        if self.stored is not None:
+            self.stored.close()
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by the index's own scores (cosines): (Q, D) queries -> (scores (Q, k) float32, ids (Q, k) int64),
+    best first. Fewer than k results (small index, NaN or zero query row) are padded with id -1 and score -inf.
     """
     q = np.array(queries, dtype=np.float32, ndmin=2)  # (Q, D)
     if q.ndim != 2:
@@ -269,12 +335,13 @@ def _make_index(factory: str, dim: int) -> tuple[faiss.Index, str]:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         raise UserError(f"bad index factory '{factory}': {_faiss_message(error)}") from error
-    if not isinstance(index, (faiss.IndexIVF, faiss.IndexIDMap)):  # IndexIDMap2 derives from IndexIDMap
-        index = faiss.IndexIDMap2(index)  # Flat, HNSW, Refine(IVF…) etc. have no add_with_ids of their own
+    # An IVF, alone or behind a transform, keeps ids itself; Flat, HNSW, Refine(…) etc. need an id map.
+    refine = isinstance(index, faiss.IndexRefine)
+    if refine:  # a factory's own refinement ('…,RFlat') re-ranks 16 k candidates, not faiss's default k
+        faiss.downcast_index(index).k_factor = _USER_REFINE_K_FACTOR
+    if _ivf(index) is None and not isinstance(index, faiss.IndexIDMap) or refine:
+        index = faiss.IndexIDMap2(index)
         factory = "IDMap2," + factory
-    refine = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else None
-    if isinstance(refine, faiss.IndexRefine):
-        refine.k_factor = _REFINE_K_FACTOR
     return index, factory
 
 
@@ -382,30 +449,70 @@ class _ExactTopK:
         return np.where(np.isfinite(self.scores), self.ids, -1)
 
 
-def _recall(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray) -> float:
-    """Mean fraction of the exact top-k (self excluded) that the index returns in its top-k (self excluded)."""
-    k = truth.shape[1]
-    _, found = index.search(queries, k + 1)  # (Q, k + 1): one extra, for the query's own row
-    hits = 0
-    expected = 0
-    for row, own, exact in zip(found, query_ids, truth, strict=True):
-        others = row[(row != own) & (row >= 0)][:k]
-        wanted = exact[exact >= 0]
-        hits += len(np.intersect1d(others, wanted))
-        expected += len(wanted)
-    return hits / expected if expected else 1.0
+def _calibrate(index: faiss.Index, ivf: Any, stored: StoredVectors, sample: _ExactTopK, goal: float,
+               count: int) -> tuple[int | None, int, float]:
+    """The cheapest (nprobe, re-rank factor) whose recall@10 on the sample queries reaches `goal`, or the one with
+    the best recall when none does; nprobe is left set in the index. Returns (nprobe, factor, recall).
 
-
-def _calibrate_nprobe(index: faiss.Index, ivf: Any, sample: _ExactTopK, truth: np.ndarray, goal: float,
-                      ) -> tuple[int, float]:
-    """Set and return the smallest power-of-two nprobe reaching `goal` recall (nlist if none does)."""
-    nprobe = 1
-    while True:
+    Each nprobe (powers of two up to nlist; None without an IVF) is searched once for the deepest candidate list
+    (640); every factor's recall comes from that list's first 10·factor candidates, re-ranked on their exact
+    scores, which are read once per query and kept. Cost: nprobe lists of codes scanned, plus the candidates.
+    """
+    k, truth = sample.k, sample.result()
+    deepest = min(k * _RERANK_FACTORS[-1], count)
+    probes: list[int | None] = [None]
+    if ivf is not None:
+        probes = [1 << p for p in range(int(np.log2(ivf.nlist)) + 1)]
+        probes[-1] = int(ivf.nlist)
+    known: list[dict[int, float]] = [{} for _ in range(len(sample.query_ids))]
+    best: tuple[float, float, int | None, int] | None = None  # (-recall or cost, …) chosen so far
+    reached: list[tuple[float, int | None, int, float]] = []  # (cost, nprobe, factor, recall)
+    for nprobe in probes:
+        if ivf is not None:
+            ivf.nprobe = nprobe
+        _, found = index.search(sample.queries, deepest + 1)  # (Q, deepest + 1): the query itself may be in it
+        hits = np.zeros(len(_RERANK_FACTORS))
+        expected = 0
+        for row, (candidates, own, wanted, query) in enumerate(zip(found, sample.query_ids, truth, sample.queries,
+                                                                   strict=True)):
+            candidates = candidates[(candidates >= 0) & (candidates != own)]
+            missing = [int(i) for i in candidates if int(i) not in known[row]]
+            if missing:
+                exact = normalize(stored.rows(np.array(missing))) @ query
+                known[row].update(zip(missing, exact.tolist(), strict=True))
+            wanted = wanted[wanted >= 0]
+            expected += len(wanted)
+            for f, factor in enumerate(_RERANK_FACTORS):
+                head = candidates[:k * factor]
+                scores = np.array([known[row][int(i)] for i in head])
+                top = head[np.lexsort((head, -scores))[:k]] if len(head) else head
+                hits[f] += len(np.intersect1d(top, wanted))
+        scanned = (nprobe or 0) * count / (ivf.nlist if ivf is not None else 1)
+        for f, factor in enumerate(_RERANK_FACTORS):
+            recall = float(hits[f] / expected) if expected else 1.0
+            cost = scanned + _CANDIDATE_COST_PER_DIM * stored.dim * k * factor
+            if recall >= goal:
+                reached.append((cost, nprobe, factor, recall))
+            if best is None or (recall, -cost) > (best[0], best[1]):
+                best = (recall, -cost, nprobe, factor)
+        if hits[-1] == expected:  # every neighbour found: more lists cannot do better
+            break
+    assert best is not None
+    _, nprobe, factor, recall = min(reached) if reached else (0.0, best[2], best[3], best[0])
+    if ivf is not None and nprobe is not None:
         ivf.nprobe = nprobe
-        recall = _recall(index, sample.queries, sample.query_ids, truth)
-        if recall >= goal or nprobe >= ivf.nlist:
-            return nprobe, recall
-        nprobe = min(2 * nprobe, ivf.nlist)
+    return nprobe, factor, recall
+
+
+def _not_reached(recall: float, target: float, factory: str, rerank: int, n: int, dim: int) -> str:
+    larger = "without the PCA rotation (drop 'PCARnnn,')" if "PCAR" in factory else \
+        "twice as many PQ sub-quantizers"
+    raw = n * dim * 4
+    size = f"{raw / 1e9:.1f} GB" if raw >= 1e9 else f"{raw / 1e6:.0f} MB"
+    return (f"recall@10 {recall:.3f} is below the target {target:.2f} even at the best calibration ({10 * rerank} "
+            f"candidates re-ranked exactly per 10 results): '{factory}' cannot tell these vectors' neighbours "
+            f"apart; rebuild it (actindex faiss INDEX --factory …) {larger}, or exact (--factory Flat: {size} in "
+            "memory)")
 
 
 # --- the file beside an index -----------------------------------------------------------------------------
@@ -428,12 +535,14 @@ def index_for(dataset: h5py.Dataset, index: Path, factory: str | None,
 
 
 def attributes(info: VectorIndexInfo, layer: str, final: Path) -> dict[str, Any]:
-    return FaissRecord(final.name, layer, info.factory, info.nprobe, info.count, info.recall_at_10).to_attrs()
+    return FaissRecord(final.name, layer, info.factory, info.nprobe, info.count, info.recall_at_10, info.rerank,
+                       info.note).to_attrs()
 
 
-def open_vector_index(info: IndexInfo, layer: str | None, dim: int) -> tuple[Any, str]:
-    """The FAISS index of the index `info` describes, for `layer` (default: the one recorded), checked against
-    its HDF5 file's vectors of `dim` dimensions. Returns it and the layer it indexes."""
+def open_vector_index(reader: IndexReader, layer: str | None = None) -> SimilarityIndex:
+    """The similarity index of the open index `reader` for `layer` (default: the one recorded), checked against its
+    stored vectors, which it re-ranks on: keep `reader` open while searching."""
+    info = reader.info
     index, record, path = info.path, info.faiss, info.faiss_path
     if record is None or path is None:
         raise UserError(f"'{index}' has no FAISS index; build one with: actindex faiss {index}")
@@ -443,12 +552,15 @@ def open_vector_index(info: IndexInfo, layer: str | None, dim: int) -> tuple[Any
     if not path.is_file():
         raise UserError(f"the FAISS index '{path}' named by '{index}' is missing; rebuild it with: "
                         f"actindex faiss {index}")
+    stored = reader.embeddings(record.layer)
+    dim = int(stored.shape[1])
     vectors = read_vector_index(path)
     if vectors.d != dim or vectors.ntotal != record.count:
         raise UserError(f"'{path}' does not belong to '{index}' ({vectors.ntotal} vectors of {vectors.d} "
                         f"dimensions, the index's '{record.layer}' has {dim}); rebuild it with: actindex faiss "
                         f"{index}")
-    return vectors, record.layer
+    return SimilarityIndex(vectors, StoredVectors(stored) if record.rerank > 1 else None, record.rerank,
+                           record.layer)
 
 
 def require_vectors(reader: Any) -> None:

@@ -29,12 +29,13 @@ from .similarity import NONE, index_for, vector_index_path, write_vector_index
 
 
 def write_index(plan: BuildPlan, accumulator: IndexAccumulator, skipped: list[tuple[int, str]],
-                copy_rows: Callable[[h5py.Dataset], None], world_size: int, seconds: float) -> float:
+                copy_rows: Callable[[h5py.Dataset], None], world_size: int, seconds: float) -> tuple[float, str]:
     """Write the index at `plan.config.out` from the merged `accumulator`; `copy_rows` fills the (N, D)
-    embeddings dataset. Returns the seconds spent on the FAISS index (0 without one)."""
+    embeddings dataset. Returns the seconds spent on the FAISS index (0 without one) and the FAISS
+    calibration's note ("" when it reached its target)."""
     config = plan.config
     check_output(config.out, config.overwrite)
-    faiss_seconds = 0.0
+    faiss_seconds, note = 0.0, ""
     with atomic_path(config.out, durable=True) as tmp:
         vectors = None
         with h5py.File(tmp, "w") as h5:
@@ -53,11 +54,11 @@ def write_index(plan: BuildPlan, accumulator: IndexAccumulator, skipped: list[tu
                     tick = time.perf_counter()
                     vectors, faiss_attrs = index_for(embeddings, config.out, config.faiss_factory)
                     attrs.update(faiss_attrs)
-                    faiss_seconds = time.perf_counter() - tick
+                    faiss_seconds, note = time.perf_counter() - tick, str(faiss_attrs["faiss_note"])
             writer.write_attrs(attrs)
         if vectors is not None:  # before the HDF5 file appears: it never names a missing FAISS file
             write_vector_index(vectors, vector_index_path(config.out))
-    return faiss_seconds
+    return faiss_seconds, note
 
 
 def copy_row_files(dataset: h5py.Dataset, files: list[tuple[Path, int, int]], dim: int) -> None:

@@ -12,6 +12,7 @@ import collections
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,13 +20,15 @@ from torch import nn
 
 from actindex.indexer.atomic import atomic_path
 from actindex.indexer.images import Normalize
-from actindex.indexer.index_file import IndexReader
 from actindex.indexer.taps import layer_value
 from actindex.kernels.errors import UserError
 from actindex.kernels.freeze import frozen
 from actindex.kernels.guided import GuidedBackprop
 
-from .loading import LoadedImage, data_root, load_index_images, load_index_model
+from .loading import LoadedImage
+
+if TYPE_CHECKING:
+    from .index import Index
 
 # A recomputed activation must match the index to this relative tolerance (of the unit's best value): builds
 # on a GPU use TF32 convolutions, whose values differ from the CPU's in the third digit.
@@ -119,11 +122,17 @@ class NeuronResult:
 
 def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data: Path | None = None,
                  weights: str | None = None, device: str = "cpu") -> NeuronResult:
-    """The unit's top hits from `index`, each re-run through the network and checked, with their maps."""
-    with IndexReader(index) as reader:
-        hits = reader.layer(layer)
-        info = reader.info
-        paths = reader.image_paths()
+    """The unit's top hits from the index at `index`, each re-run through the network and checked, with their
+    maps; for many queries, open the index once (`actindex.query.index.Index`) and ask it."""
+    from .index import Index
+
+    with Index(index, data=data, weights=weights, device=device) as opened:
+        return unit_hits(opened, layer, unit, k)
+
+
+def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None) -> NeuronResult:
+    """`Index.neuron`: the unit's top hits, each re-run through the network and checked, with their maps."""
+    hits, info, device = opened.layer(layer), opened.info, opened.device
     if not 0 <= unit < hits.channels:
         raise UserError(f"unit {unit} is out of range: layer '{layer}' has {hits.channels} units "
                         f"(0-{hits.channels - 1})")
@@ -135,8 +144,8 @@ def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data:
         raise UserError(f"--k must be at least 1, got {k}")
     ids = [int(i) for i in hits.image[unit][:count]]
     input_size = info.input_size
-    images = load_index_images(data_root(info, data), [paths[i] for i in ids], input_size, data is not None)
-    loaded = load_index_model(info, weights, device)
+    images = opened.images(ids)
+    loaded = opened.loaded
     x = Normalize(info.mean, info.std, device)(torch.stack([image.pixels for image in images]))
     ys = torch.as_tensor(hits.y[unit][:count], dtype=torch.int64)
     xs = torch.as_tensor(hits.x[unit][:count], dtype=torch.int64)
@@ -151,7 +160,7 @@ def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data:
         rows.append(Hit(rank, ids[rank], images[rank].path, float(recorded[rank]),
                         float(result.values[rank]), int(hits.y[unit][rank]), int(hits.x[unit][rank]),
                         box, geometry.to_original(box), (geometry.height, geometry.width)))  # type: ignore[arg-type]
-    return NeuronResult(index, layer, unit, hits.channels, input_size, hits.rf_size, rows, images,
+    return NeuronResult(opened.path, layer, unit, hits.channels, input_size, hits.rf_size, rows, images,
                         result.gradient.cpu().numpy(), result.guided.cpu().numpy(), result.unguided)
 
 

@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from actindex.indexer.index_file import IndexInfo, IndexReader
-from actindex.indexer.similarity import normalize, open_vector_index, require_vectors, search
+from actindex.indexer.index_file import IndexInfo
+from actindex.indexer.similarity import normalize, require_vectors
 from actindex.kernels.errors import UserError, not_found
 
 if TYPE_CHECKING:  # torch and the network load only when a query needs them (a new image, --explain)
     import torch
     from torch import nn
 
+    from .index import Index
     from .loading import LoadedImage
 
 TOP_UNITS = 5
@@ -66,62 +67,58 @@ class SimilarResult:
 def find_similar(index: Path, image: Path | None = None, image_id: int | None = None, k: int = 9,
                  layer: str | None = None, data: Path | None = None, weights: str | None = None,
                  device: str = "cpu", explain: bool = False, pictures: bool = True) -> SimilarResult:
-    """The k images nearest to a new image (`image`) or an indexed one (`image_id`), best first.
+    """The k images nearest to a new image (`image`) or an indexed one (`image_id`) in the index at `index`, best
+    first; for many queries, open the index once (`actindex.query.index.Index`) and ask it."""
+    from .index import Index
 
-    What a query loads is what it needs: the stored vectors and the FAISS file always; the network only to embed
-    a new image or to explain the hits; the images only for `pictures` (the query's and the hits', for a
-    picture) or `explain`.
-    """
+    with Index(index, data=data, weights=weights, device=device) as opened:
+        return nearest(opened, image, image_id, k, layer, explain, pictures)
+
+
+def nearest(opened: Index, image: Path | None = None, image_id: int | None = None, k: int = 9,
+            layer: str | None = None, explain: bool = False, pictures: bool = True) -> SimilarResult:
+    """`Index.similar`. What a query loads is what it needs: the query's stored vector and the FAISS file always,
+    and the candidates' stored vectors to re-rank them; the network only to embed a new image or to explain the
+    hits; the images only for `pictures` (the query's and the hits', for a picture) or `explain`."""
     if (image is None) == (image_id is None):
         raise UserError("give either --image PATH or --id N")
     if k < 1:
         raise UserError(f"--k must be at least 1, got {k}")
-    with IndexReader(index) as reader:
-        info = reader.info
-        paths = reader.image_paths()
-        require_vectors(reader)
-        name = layer or (info.faiss.layer if info.faiss else "") or info.embed_layer
-        if name not in reader.embedding_names:
-            raise not_found("embedding layer", name, reader.embedding_names,
-                            hint=f"'{index}' stores vectors of these layers")
-        stored = reader.embeddings(name)
-        vectors, name = open_vector_index(info, name, int(stored.shape[1]))
-        query: dict[str, object] = {}
-        if image_id is not None:
-            if not 0 <= image_id < len(paths):
-                raise UserError(f"--id {image_id} is out of range: the index has images 0-{len(paths) - 1}")
-            query_vector = stored[image_id][None, :].astype(np.float32)  # (1, D)
-            if not np.isfinite(query_vector).all():
-                raise UserError(f"image {image_id} ('{paths[image_id]}') could not be read at build time and has "
-                                "no vector; 'actindex info' lists why")
-            query = {"id": image_id, "path": paths[image_id]}
-    model = None
+    reader, info = opened.reader, opened.info
+    require_vectors(reader)
+    name = layer or (info.faiss.layer if info.faiss else "") or info.embed_layer
+    if name not in reader.embedding_names:
+        raise not_found("embedding layer", name, reader.embedding_names,
+                        hint=f"'{opened.path}' stores vectors of these layers")
+    similarity = opened.similarity(name)
+    query: dict[str, object] = {}
     query_image = None
-    if image is not None:
-        query_image, x = _read_query(image, info, device)
-        model = _load_model(info, weights, device)
-        query_vector = _embed_query(model, name, x)
+    if image_id is not None:
+        if not 0 <= image_id < info.num_images:
+            raise UserError(f"--id {image_id} is out of range: the index has images 0-{info.num_images - 1}")
+        query_vector = reader.embeddings(name)[image_id][None, :].astype(np.float32)  # (1, D)
+        path = opened.paths([image_id])[0]
+        if not np.isfinite(query_vector).all():
+            raise UserError(f"image {image_id} ('{path}') could not be read at build time and has no vector; "
+                            "'actindex info' lists why")
+        query = {"id": image_id, "path": path}
+    else:
+        assert image is not None
+        query_image, x = _read_query(image, info, opened.device)
+        query_vector = _embed_query(opened.loaded.module, name, x)
         query = {"image": str(image)}
-    scores, ids = search(vectors, query_vector, k)
+    scores, ids = similarity.search(query_vector, k)
     found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-    hits = [SimilarHit(rank, i, paths[i], s) for rank, (i, s) in enumerate(found)]
-    result = SimilarResult(index, name, query, query_image, hits, [])
+    paths = opened.paths([i for i, _ in found])
+    hits = [SimilarHit(rank, i, path, s) for rank, ((i, s), path) in enumerate(zip(found, paths, strict=True))]
+    result = SimilarResult(opened.path, name, query, query_image, hits, [])
     if pictures or explain:
-        from .loading import data_root, load_index_images
-
-        root, input_size = data_root(info, data), info.input_size
-        result.images = load_index_images(root, [paths[i] for i, _ in found], input_size, data is not None)
+        result.images = opened.images([i for i, _ in found])
         if image_id is not None:
-            result.query_image = load_index_images(root, [paths[image_id]], input_size, data is not None)[0].original
+            result.query_image = opened.images([image_id])[0].original
     if explain and hits:
-        _explain(result, model or _load_model(info, weights, device), normalize(query_vector)[0], info, device)
+        _explain(result, opened.loaded.module, normalize(query_vector)[0], info, opened.device)
     return result
-
-
-def _load_model(info: IndexInfo, weights: str | None, device: str) -> nn.Module:
-    from .loading import load_index_model
-
-    return load_index_model(info, weights, device).module
 
 
 def _read_query(image: Path, info: IndexInfo, device: str) -> tuple[Any, torch.Tensor]:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from actindex.indexer.similarity import (
+    SimilarityIndex,
+    StoredVectors,
     build_vector_index,
     choose_factory,
     normalize,
@@ -90,27 +92,29 @@ def test_ivf_reaches_target_recall_and_keeps_nprobe_through_a_file(tmp_path: Pat
     # Independent check on fresh points from the same mixture, against numpy brute force.
     queries = mixture(300, 64, clusters=200, seed=0, draw_seed=99)
     _, expected = brute_force(x, queries, 10)
-    _, found = search(index, queries, 10)
+    _, found = SimilarityIndex(index, StoredVectors(x), info.rerank).search(queries, 10)
     recall = np.mean([len(np.intersect1d(f, e)) / 10 for f, e in zip(found, expected, strict=True)])
     assert recall >= 0.93  # the calibration sample's estimate, with room for sampling noise
 
     write_vector_index(index, tmp_path / "v.faiss")
     loaded = read_vector_index(tmp_path / "v.faiss")
     assert faiss.extract_index_ivf(loaded).nprobe == info.nprobe
-    np.testing.assert_array_equal(search(loaded, queries, 10)[1], found)
+    np.testing.assert_array_equal(SimilarityIndex(loaded, StoredVectors(x), info.rerank).search(queries, 10)[1], found)
 
 
 def test_choose_factory_thresholds() -> None:
     assert choose_factory(10_000, 512) == "Flat"
     assert choose_factory(1500, 100_000) == "Flat"  # too few to train an IVF
-    assert choose_factory(100_000, 512) == "IVF1024,Flat"
-    assert choose_factory(1_000_000, 512) == "IVF1024,PQ256x4fs,RFlat"  # 2 GB raw: re-ranked fast-scan codes
-    assert choose_factory(1_000_000, 511) == "IVF1024,Flat"  # odd: no 2-dimension PQ codes
-    assert choose_factory(1_281_167, 2048) == "IVF512,SQ8"  # ImageNet: 10.5 GB raw, 2.6 GB as SQ8
-    factory = choose_factory(10_000_000, 512)  # 5 GB even as SQ8
-    assert factory.startswith("IVF") and ",PQ" in factory
-    m = int(factory.split("PQ")[1])
-    assert 512 % m == 0 and 10_000_000 * m <= 4 << 30
+    assert choose_factory(100_000, 512) == "PCAR256,IVF1024,PQ128x4fs"
+    assert choose_factory(1_281_167, 2048) == "PCAR256,IVF1024,PQ128x4fs"  # ImageNet: 82 MB of codes
+    assert choose_factory(1_000_000, 200) == "IVF1024,PQ100x4fs"  # no rotation below 256 dimensions
+    assert choose_factory(1_000_000, 201) == "IVF1024,PQ201x4fs"  # odd: one dimension per code
+    assert choose_factory(50_000, 512) == "PCAR256,IVF1024,PQ128x4fs"
+    for n in (10_000_000, 100_000_000, 1_000_000_000):  # codes and ids stay within 4 GB as long as they can
+        factory = choose_factory(n, 2048)
+        m = int(factory.split(",PQ")[1].split("x")[0])
+        assert 256 % m == 0 and (n * (m // 2 + 8) <= 4 << 30 or m == 8), (n, factory)
+    assert choose_factory(100_000_000, 2048).endswith(",PQ64x4fs")
 
 
 def test_write_read_round_trip_and_file_errors(tmp_path: Path) -> None:
@@ -180,12 +184,48 @@ def test_normalize_keeps_zero_rows_and_scales_the_rest() -> None:
     assert x[0, 0] == 3  # input untouched
 
 
+def test_the_default_index_re_ranks_exactly_on_the_stored_vectors(tmp_path: Path) -> None:
+    """The size rule's compact candidate search (PCA, IVF, 4-bit codes) with exact re-ranking: held-out
+    queries find brute force's neighbours, with brute force's scores; read back from a contiguous HDF5 dataset
+    opened read-only (one pread per row) it answers the same."""
+    x = mixture(40_000, 512, clusters=400, seed=5)  # 80 MB: past the exact regime
+    x[[7, 99]] = np.nan
+    index, info = build_vector_index(x)
+    assert info.factory == "PCAR256,IVF1024,PQ128x4fs" and info.rerank > 1 and info.nprobe is not None
+    assert info.recall_at_10 is not None and info.recall_at_10 >= 0.95 and info.note == ""
+    queries = mixture(200, 512, clusters=400, seed=5, draw_seed=7)
+    expected_scores, expected = brute_force(x, queries, 10)
+    scores, found = SimilarityIndex(index, StoredVectors(x), info.rerank).search(queries, 10)
+    recall = np.mean([len(np.intersect1d(f, e)) / 10 for f, e in zip(found, expected, strict=True)])
+    assert recall >= 0.95
+    same = found == expected  # where the ids agree, the scores are the exact cosines
+    np.testing.assert_allclose(scores[same], expected_scores[same], rtol=0, atol=1e-5)
+    with h5py.File(tmp_path / "e.h5", "w") as h5:
+        h5.create_dataset("v", data=x, dtype="<f4")
+    with h5py.File(tmp_path / "e.h5", "r") as h5:
+        stored = StoredVectors(h5["v"])
+        assert stored._fd is not None  # contiguous and read-only: rows by pread
+        np.testing.assert_array_equal(stored.rows(np.array([5, 3, 5])), x[[5, 3, 5]])
+        from_file = SimilarityIndex(index, stored, info.rerank).search(queries, 10)
+        stored.close()
+    np.testing.assert_array_equal(from_file[1], found)
+
+
+def test_a_target_the_codes_cannot_reach_is_said_with_what_to_do() -> None:
+    x = mixture(20_000, 64, clusters=20, seed=6)
+    _, info = build_vector_index(x, "IVF16,PQ1x4fs")  # one 4-bit code for 64 dimensions
+    assert info.recall_at_10 is not None and info.recall_at_10 < 0.95
+    assert info.rerank == 64  # the deepest re-ranking, as good as it gets
+    assert "below the target 0.95" in info.note and "twice as many PQ sub-quantizers" in info.note
+    assert "--factory Flat: 5 MB in memory" in info.note
+
+
 def test_refined_fast_scan_ivf_gets_ids_and_a_calibrated_nprobe(tmp_path: Path) -> None:
     x = mixture(4000, 32, clusters=40, seed=3)
     index, info = build_vector_index(x, "IVF16,PQ16x4fs,RFlat")
     assert info.factory == "IDMap2,IVF16,PQ16x4fs,RFlat"  # Refine has no add_with_ids: wrapped
     assert info.nprobe is not None and info.recall_at_10 is not None and info.recall_at_10 >= 0.95
-    scores, ids = search(index, x[:20], 1)
+    scores, ids = SimilarityIndex(index, StoredVectors(x), info.rerank).search(x[:20], 1)
     np.testing.assert_array_equal(ids[:, 0], np.arange(20))
     write_vector_index(index, tmp_path / "v.faiss")
     assert faiss.extract_index_ivf(read_vector_index(tmp_path / "v.faiss")).nprobe == info.nprobe

@@ -208,21 +208,24 @@ def _neighbours(info: IndexInfo, reader: IndexReader, image_pages: list[int],
                 k: int) -> tuple[dict[int, list[tuple[int, float]]] | None, str]:
     """Each image page's nearest images from the index's FAISS index, and the layer they are nearest by (None
     and "" when the index has no FAISS index)."""
-    from actindex.indexer.similarity import open_vector_index, search
+    from actindex.indexer.similarity import open_vector_index
 
     record = info.faiss
     if record is None or record.layer not in reader.embedding_names or not image_pages or k == 0:
         return None, ""
     stored = reader.embeddings(record.layer)
-    vectors, layer = open_vector_index(info, record.layer, int(stored.shape[1]))
+    similarity = open_vector_index(reader, record.layer)
     neighbours = {}
-    for start in range(0, len(image_pages), 4096):
-        ids = image_pages[start:start + 4096]
-        scores, found = search(vectors, stored[ids].astype(np.float32), k + 1)  # (Q, k + 1): itself first
-        for image_id, row_scores, row_ids in zip(ids, scores, found, strict=True):
-            neighbours[image_id] = [(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True)
-                                    if i >= 0 and i != image_id][:k]
-    return neighbours, layer
+    try:
+        for start in range(0, len(image_pages), 4096):
+            ids = image_pages[start:start + 4096]  # increasing, as h5py reads them
+            scores, found = similarity.search(stored[ids].astype(np.float32), k + 1)  # (Q, k + 1): itself first
+            for image_id, row_scores, row_ids in zip(ids, scores, found, strict=True):
+                neighbours[image_id] = [(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True)
+                                        if i >= 0 and i != image_id][:k]
+    finally:
+        similarity.close()
+    return neighbours, similarity.layer
 
 
 def _tasks(plan: Plan, manifest: SiteManifest) -> list[Task]:
