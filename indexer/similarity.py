@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import faiss
 import h5py
@@ -338,7 +338,7 @@ def _make_index(factory: str, dim: int) -> tuple[faiss.Index, str]:
     # An IVF, alone or behind a transform, keeps ids itself; Flat, HNSW, Refine(…) etc. need an id map.
     refine = isinstance(index, faiss.IndexRefine)
     if refine:  # a factory's own refinement ('…,RFlat') re-ranks 16 k candidates, not faiss's default k
-        faiss.downcast_index(index).k_factor = _USER_REFINE_K_FACTOR
+        cast(Any, index).k_factor = _USER_REFINE_K_FACTOR
     if _ivf(index) is None and not isinstance(index, faiss.IndexIDMap) or refine:
         index = faiss.IndexIDMap2(index)
         factory = "IDMap2," + factory
