@@ -267,9 +267,15 @@ class IndexReader:
     def classes(self) -> list[str]:
         return list(json.loads(self.h5["images"].attrs["classes"]))
 
-    def skipped(self) -> list[tuple[str, str]]:
+    def skipped(self, limit: int | None = None) -> list[tuple[str, str]]:
+        """The files that could not be read, and why: all of them, or the first `limit`."""
         group = self.h5["skipped"]
-        return list(zip(group["path"].asstr()[()], group["reason"].asstr()[()], strict=True))
+        rows = slice(None, limit)
+        return list(zip(group["path"].asstr()[rows], group["reason"].asstr()[rows], strict=True))
+
+    @property
+    def num_skipped(self) -> int:
+        return int(self.h5["skipped/path"].shape[0])
 
     def layer(self, name: str) -> LayerHits:
         from actindex.kernels.errors import not_found

@@ -203,7 +203,7 @@ def dream(index: Path | None, model: str | None, weights: str | None, layer: str
             if layer in reader.layer_names:
                 hits = reader.layer(layer)
                 best, image = float(hits.value[unit][0]), int(hits.image[unit][0])
-                click.echo(f"best in the dataset: {best:.4g} (spatial max) on {reader.image_paths()[image]}; "
+                click.echo(f"best in the dataset: {best:.4g} (spatial max) on {reader.paths_of([image])[0]}; "
                            f"the dream reaches {result.activation / best:.2f}x of it" if image >= 0 else
                            "the index has no hits for this unit")
     click.echo(f"Wrote {out}")

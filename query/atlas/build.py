@@ -32,6 +32,7 @@ from .plan import FORMATS, OWN, Layer, NearestUnits, Plan, SiteManifest, index_i
 from .pool import KillTask, TaskPool
 from .work import Outcome, Task, Worker, start_worker
 
+SKIPPED_SHOWN = 100  # unreadable files listed on the front page (the count is given in full)
 UNITS_PER_TASK = 16  # units are grouped by unit // 16, so a unit's batch never depends on --jobs
 TILES_PER_TASK = 256
 IMAGES_PER_TASK = 64
@@ -125,9 +126,13 @@ def build_atlas(config: AtlasConfig, progress: bool = False, *, fault: AtlasFaul
         image_pages = sorted({int(i) for name, units in pages.items() for i in layers[name].hits.image[units].ravel()
                               if i >= 0})
         neighbours, similarity_layer = _neighbours(info, reader, image_pages, config.neighbours)
+        shown = sorted({int(i) for layer in layers.values() for i in layer.hits.image.ravel() if i >= 0}
+                       | {i for near in (neighbours or {}).values() for i, _ in near})
         plan = Plan(index=config.index.resolve(), site=site, image_format=manifest.image_format, info=info,
-                    paths=reader.image_paths(), labels=reader.image_labels(), classes=reader.classes(),
-                    skipped=reader.skipped(), layers=layers, pages=pages,
+                    paths=dict(zip(shown, reader.paths_of(shown), strict=True)),
+                    labels=dict(zip(image_pages, reader.labels_of(image_pages).tolist(), strict=True)),
+                    classes=reader.classes(), skipped=reader.skipped(SKIPPED_SHOWN),
+                    skipped_count=reader.num_skipped, layers=layers, pages=pages,
                     dreams={name: set(units) for name, units in manifest.dreams.items()},
                     nearest=_nearest_units(layers, config.nearest_units), image_pages=image_pages,
                     neighbours=neighbours, similarity_layer=similarity_layer)

@@ -96,9 +96,10 @@ def front_page(plan: Plan) -> str:
                                     f"({info.faiss.count} vectors)"))
     skipped = ""
     if plan.skipped:
-        items = "".join(f"<li>{esc(path)}: {esc(reason)}</li>" for path, reason in plan.skipped[:100])
-        more = f"<li>… {len(plan.skipped) - 100} more</li>" if len(plan.skipped) > 100 else ""
-        files = "1 file" if len(plan.skipped) == 1 else f"{len(plan.skipped)} files"
+        items = "".join(f"<li>{esc(path)}: {esc(reason)}</li>" for path, reason in plan.skipped)
+        count = plan.skipped_count
+        more = f"<li>… {count - len(plan.skipped)} more</li>" if count > len(plan.skipped) else ""
+        files = "1 file" if count == 1 else f"{count} files"
         skipped = f"<details><summary>{files} could not be read</summary><ul>{items}{more}</ul></details>"
     body = (f'<h1>{esc(info.model)}</h1>\n{definitions(facts)}\n<h2>Layers</h2>\n'
             '<table class="layers"><thead><tr><th>layer</th><th>units</th><th>map</th><th>receptive field</th>'

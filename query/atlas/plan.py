@@ -29,6 +29,7 @@ from actindex.indexer.index_file import IndexInfo, IndexReader, LayerHits
 from actindex.kernels.errors import UserError, not_found
 
 MANIFEST = "atlas.json"
+_PATH_BLOCK = 65536  # image paths hashed at a time: memory stays bounded whatever the number of images
 MANIFEST_FORMAT = "actindex-atlas"
 MANIFEST_VERSION = 1
 FORMATS = ("webp", "png")
@@ -71,7 +72,10 @@ def index_identity(reader: IndexReader) -> str:
     digest = hashlib.sha256()
     attrs = {key: value for key, value in reader.attrs.items() if not key.startswith("faiss_")}
     digest.update(json.dumps(attrs, sort_keys=True, default=str).encode())
-    digest.update("\n".join(reader.image_paths()).encode())
+    paths = reader.h5["images/path"].asstr()
+    for start in range(0, reader.num_images, _PATH_BLOCK):  # the same bytes as all paths joined by newlines
+        block = "\n".join(paths[start:start + _PATH_BLOCK])
+        digest.update(("\n" + block if start else block).encode())
     for name in reader.layer_names:
         hits = reader.layer(name)
         for array in (hits.value, hits.image, hits.box):
@@ -163,10 +167,11 @@ class Plan:
     site: Path
     image_format: str
     info: IndexInfo
-    paths: list[str]
-    labels: np.ndarray  # (N,) class index, -1 without classes
+    paths: dict[int, str]  # of the images the site shows (hits, neighbours), by id: never the whole list
+    labels: dict[int, int]  # class index of the images with a page, -1 without classes
     classes: list[str]
-    skipped: list[tuple[str, str]]
+    skipped: list[tuple[str, str]]  # the first SKIPPED_SHOWN files that could not be read
+    skipped_count: int
     layers: dict[str, Layer]  # the atlas's layers, in index order
     pages: dict[str, list[int]]  # units with a page, per layer, sorted
     dreams: dict[str, set[int]]
