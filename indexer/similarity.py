@@ -27,7 +27,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -50,6 +51,7 @@ _TRAIN_OTHER = 65536  # sample for non-IVF trained indexes (PQ / SQ codebooks: 2
 # Candidates re-ranked exactly per result asked for, tried by the calibration: 10 to 640 for recall@10.
 _RERANK_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 _USER_REFINE_K_FACTOR = 16
+_FEW_QUERIES = 8  # searched with one thread (`_threads_for`)
 # The calibration's cost of a search, in units of one 4-bit code scanned: re-ranking a candidate reads and
 # multiplies its D floats, which costs about 0.6 D codes' scan (docs/BENCHMARKS.md, similarity search).
 _CANDIDATE_COST_PER_DIM = 0.6
@@ -298,10 +300,27 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     scores = np.full((len(q), k), -np.inf, dtype=np.float32)
     ids = np.full((len(q), k), -1, dtype=np.int64)
     if ok.any():
-        found_scores, found_ids = index.search(normalize(q[ok]), k)
+        with _threads_for(int(ok.sum())):
+            found_scores, found_ids = index.search(normalize(q[ok]), k)
         found_scores[found_ids < 0] = -np.inf  # faiss pads with -1 ids and -FLT_MAX / NaN scores
         scores[ok], ids[ok] = found_scores, found_ids
     return scores, ids
+
+
+@contextmanager
+def _threads_for(queries: int) -> Iterator[None]:
+    """One OpenMP thread for a handful of queries, faiss's default for batches. A single query gains nothing
+    from more threads, and their waiting spins take the CPU from the caller: measured on 2 cores, a one-query
+    fast-scan search for 320 candidates took 4.8 ms with 2 threads and 0.1 ms with 1 (docs/BENCHMARKS.md)."""
+    if queries > _FEW_QUERIES:
+        yield
+        return
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 # --- building blocks ------------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 At each size (default 10k, 100k, 1M vectors of 512 dimensions), on a seeded Gaussian mixture shaped like
 pooled post-ReLU activations (non-negative cluster means, points clipped at zero):
-  * build time of `build_vector_index` (sampling, training, adding, nprobe calibration);
+  * build time of `build_vector_index` (sampling, training, adding, calibration of nprobe and re-rank depth);
   * recall@10 on 1000 held-out points of the same mixture (not in the index) against exact top-10
     (a faiss IndexFlatIP over the same normalized vectors, searched in one batch);
   * latency of single-query searches (one query at a time, as an interactive user asks), p50 and p99, for
-    the chosen index and, side by side, for exact Flat search (on at most `--flat-seconds` worth of queries).
+    the chosen index (its candidates re-ranked exactly on the vectors, in memory here) and, side by side, for
+    exact Flat search (on at most `--flat-seconds` worth of queries).
+scripts/bench_scale.py measures the same on index files at ImageNet scale, re-ranking from the HDF5 file.
 With `--demo INDEX.h5`, also on every `/embeddings/<layer>` of an actindex index, with 200 indexed vectors as
 queries (each query's own row excluded from both result lists).
 
@@ -27,7 +29,14 @@ import faiss
 import h5py
 import numpy as np
 
-from actindex.indexer.similarity import build_vector_index, choose_factory, normalize, search
+from actindex.indexer.similarity import (
+    SimilarityIndex,
+    StoredVectors,
+    build_vector_index,
+    choose_factory,
+    normalize,
+    search,
+)
 
 K = 10
 
@@ -39,6 +48,7 @@ class Row:
     dim: int
     factory: str
     nprobe: int | None
+    rerank: int
     build_s: float
     calibrated_recall: float | None
     recall: float
@@ -66,13 +76,13 @@ def mixture(n: int, dim: int, clusters: int, seed: int, draw_seed: int, noise: f
     return np.maximum(out, 0, out=out)
 
 
-def latencies_ms(index: faiss.Index, queries: np.ndarray, budget_s: float = np.inf) -> np.ndarray:
-    """Milliseconds per single-query `search`, one query at a time, until `budget_s` is spent."""
+def latencies_ms(index: SimilarityIndex, queries: np.ndarray, budget_s: float = np.inf) -> np.ndarray:
+    """Milliseconds per single-query search, one query at a time, until `budget_s` is spent."""
     times = []
     started = time.perf_counter()
     for q in queries:
         t = time.perf_counter()
-        search(index, q[None], K)
+        index.search(q[None], K)
         times.append((time.perf_counter() - t) * 1e3)
         if time.perf_counter() - started > budget_s:
             break
@@ -101,16 +111,17 @@ def exact_index(x: np.ndarray, block: int = 65536) -> faiss.Index:
 
 def measure(name: str, x: np.ndarray, queries: np.ndarray, own: np.ndarray | None, flat_seconds: float) -> Row:
     """`own`: the queries' own row ids when they are indexed vectors (excluded from both result lists)."""
-    index, info = build_vector_index(x)
+    built, info = build_vector_index(x)
+    index = SimilarityIndex(built, StoredVectors(x), info.rerank)
     flat = exact_index(x)
     extra = 0 if own is None else 1
     _, truth = search(flat, queries, K + extra)  # one batch: BLAS, not the latency being measured
-    _, found = search(index, queries, K + extra)
+    _, found = index.search(queries, K + extra)
     if own is not None:
         truth, found = without_self(truth, own), without_self(found, own)
     ours = latencies_ms(index, queries)
-    exact = latencies_ms(flat, queries, flat_seconds)
-    return Row(name, info.count, info.dim, info.factory, info.nprobe, info.seconds, info.recall_at_10,
+    exact = latencies_ms(SimilarityIndex(flat), queries, flat_seconds)
+    return Row(name, info.count, info.dim, info.factory, info.nprobe, info.rerank, info.seconds, info.recall_at_10,
                recall_at_k(found, truth), float(np.percentile(ours, 50)), float(np.percentile(ours, 99)),
                float(np.percentile(exact, 50)), float(np.percentile(exact, 99)), len(exact))
 
@@ -122,13 +133,14 @@ def demo_sets(path: str) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = (f"{'data':<16} {'n':>9} {'dim':>5} {'factory':<14} {'nprobe':>6} {'build s':>8} {'calib r@10':>10} "
+    head = (f"{'data':<16} {'n':>9} {'dim':>5} {'factory':<26} {'nprobe':>6} {'rerank':>6} {'build s':>8} "
+            f"{'calib r@10':>10} "
             f"{'recall@10':>9} {'p50 ms':>7} {'p99 ms':>7} {'flat p50':>8} {'flat p99':>8} {'speedup':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         calib = f"{r.calibrated_recall:.3f}" if r.calibrated_recall is not None else "exact"
-        print(f"{r.name:<16} {r.n:>9} {r.dim:>5} {r.factory:<14} {r.nprobe or '-':>6} {r.build_s:>8.1f} "
+        print(f"{r.name:<16} {r.n:>9} {r.dim:>5} {r.factory:<26} {r.nprobe or '-':>6} {r.rerank:>6} {r.build_s:>8.1f} "
               f"{calib:>10} {r.recall:>9.3f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.flat_p50_ms:>8.2f} "
               f"{r.flat_p99_ms:>8.2f} {r.flat_p50_ms / r.p50_ms:>6.1f}x")
 

@@ -29,9 +29,13 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "torchvision", "timm")
+# Peak memory as VmHWM, the process's own since exec (ru_maxrss from wait4 would count what the benchmark held
+# before the child exec'd).
 RUN = ("import sys\nfrom actindex.query.cli import main\ncode = 0\ntry:\n    main(sys.argv[1:])\n"
        "except SystemExit as stop:\n    code = stop.code or 0\n"
-       f"print('IMPORTED', ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\nsys.exit(code)")
+       f"print('IMPORTED', ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+       "peak = next(line for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+       "print('PEAK_KB', peak.split()[1], file=sys.stderr)\nsys.exit(code)")
 
 
 def checkout(revision: str, folder: Path) -> Path:
@@ -67,16 +71,15 @@ def measure(args: list[str], pythonpath: Path | None, cwd: Path) -> tuple[float,
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-c", RUN, *args], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
+    result = subprocess.run([sys.executable, "-c", RUN, *args], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, check=False)
     seconds = time.perf_counter() - start
-    stderr = process.stderr.read() if process.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{stderr}")
-    imported = next((line.split(" ", 1)[1] if " " in line else "" for line in stderr.splitlines()
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{result.stderr}")
+    imported = next((line.split(" ", 1)[1] if " " in line else "" for line in result.stderr.splitlines()
                      if line.startswith("IMPORTED")), "?")
-    return seconds, usage.ru_maxrss / 1024, imported or "-"
+    peak_kb = int(result.stderr.rsplit("PEAK_KB", 1)[1].split()[0])
+    return seconds, peak_kb / 1024, imported or "-"
 
 
 def main() -> None:

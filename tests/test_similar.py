@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -238,3 +239,72 @@ def test_info_on_a_folder_and_on_an_index_whose_faiss_file_is_gone(built: tuple[
     assert "similarity index copy.faiss: missing" in result.output and f"actindex faiss {copy}" in result.output
     result = CliRunner().invoke(main, ["info", str(copy), "--json"])
     assert json.loads(result.stdout)["faiss"]["present"] is False
+
+
+def test_an_index_opened_once_answers_many_queries_and_never_reads_the_whole_image_list(
+        built: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Index`: the network is loaded once for all queries, the answers equal one-shot queries', and nothing of a
+    query reads the N image paths or the N x D vectors (only the rows it needs)."""
+    from actindex.indexer.index_file import IndexReader as Reader
+    from actindex.query import loading
+    from actindex.query.index import Index
+    from actindex.query.neuron import query_neuron
+
+    index, _, _ = built
+    one_shot = [find_similar(index, image_id=i, k=4) for i in (2, 9)], query_neuron(index, "down", 3)
+    loads: list[object] = []
+    real_load = loading.load_index_model
+    monkeypatch.setattr(loading, "load_index_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+
+    def whole(*args: object) -> None:
+        raise AssertionError("a query read every image path")
+
+    monkeypatch.setattr(Reader, "image_paths", whole)
+    with Index(index) as opened:
+        near = [opened.similar(image_id=i, k=4) for i in (2, 9)]
+        units = [opened.neuron("down", 3), opened.neuron("block", 1), opened.neuron("down", 3)]
+        explained = opened.similar(image_id=2, k=4, explain=True)
+    assert len(loads) == 1  # one network for every query
+    for ours, theirs in zip(near, one_shot[0], strict=True):
+        assert [(h.image_id, h.path, h.score) for h in ours.hits] == [(h.image_id, h.path, h.score)
+                                                                       for h in theirs.hits]
+    assert [h.path for h in units[0].hits] == [h.path for h in one_shot[1].hits]
+    np.testing.assert_array_equal(units[2].guided, one_shot[1].guided)
+    assert explained.maps is not None and explained.hits[0].units
+
+
+def test_the_build_stores_vectors_that_queries_read_by_id(built: tuple[Path, Path, Path]) -> None:
+    from actindex.indexer.similarity import StoredVectors
+
+    index, _, _ = built
+    with IndexReader(index) as reader:
+        dataset = reader.embeddings("down")
+        assert dataset.chunks is None and dataset.dtype == np.dtype("<f4")  # contiguous: rows at known offsets
+        stored = StoredVectors(dataset)
+        assert stored._fd is not None
+        ids = np.array([4, 0, 4, 27])
+        np.testing.assert_array_equal(stored.rows(ids), dataset[()][ids])
+        stored.close()
+
+
+def test_a_calibration_that_misses_its_target_is_said_by_faiss_and_info(built: tuple[Path, Path, Path],
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from actindex.indexer import similarity
+
+    index, _, _ = built
+    copy = tmp_path / "copy.h5"
+    shutil.copy(index, copy)
+    real = similarity.build_vector_index
+
+    def missed(*args: object, **kwargs: object) -> object:
+        built_index, info = real(*args, **kwargs)  # type: ignore[arg-type]
+        return built_index, dataclasses.replace(info, recall_at_10=0.5, note="recall@10 0.500 is below the target")
+
+    monkeypatch.setattr(similarity, "build_vector_index", missed)
+    result = CliRunner().invoke(main, ["faiss", str(copy)])
+    assert result.exit_code == 0 and "Warning: recall@10 0.500 is below the target" in result.output
+    result = CliRunner().invoke(main, ["info", str(copy)])
+    assert "warning: recall@10 0.500 is below the target" in result.output
+    with IndexReader(copy) as reader:
+        assert reader.info.faiss is not None and reader.info.faiss.note.startswith("recall@10 0.500")
