@@ -1,8 +1,9 @@
 """actindex.query: what an index says about a unit, an image or the whole network.
 
-`query_neuron` (a unit's top patches, checked, with guided backprop and gradients), `find_similar` (nearest
-images by activation, and why), `dream.dream` (an input that excites a unit), the filter pictures, and
-`build_atlas` (a static website of the index). The `actindex` command is `query.cli`.
+`Index` (an index opened once for many queries), `query_neuron` (a unit's top patches, checked, with guided
+backprop and gradients), `find_similar` (nearest images by activation, and why), `dream.dream` (an input that
+excites a unit), the filter pictures, and `build_atlas` (a static website of the index). The `actindex`
+command is `query.cli`.
 """
 
 from typing import TYPE_CHECKING
@@ -13,10 +14,11 @@ if TYPE_CHECKING:
     from .atlas import AtlasConfig as AtlasConfig
     from .atlas import build_atlas as build_atlas
     from .dream import DreamConfig as DreamConfig
+    from .index import Index as Index
     from .neuron import query_neuron as query_neuron
     from .similar import find_similar as find_similar
 
-_NAMES = {"AtlasConfig": "atlas", "build_atlas": "atlas", "DreamConfig": "dream",
+_NAMES = {"AtlasConfig": "atlas", "build_atlas": "atlas", "DreamConfig": "dream", "Index": "index",
           "query_neuron": "neuron", "find_similar": "similar"}
 __all__ = sorted(_NAMES)
 __getattr__ = exports(__name__, _NAMES)

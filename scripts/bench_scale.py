@@ -22,6 +22,7 @@ For every (N, D), printed as one table:
 
     python scripts/bench_scale.py                                  # everything: about 25 minutes, 11 GB of disk
     python scripts/bench_scale.py --sizes 10000,100000 --dims 512  # a quick look
+    python scripts/bench_scale.py --sizes 10000000 --dims 512 --factory PCAR256,IVF4096,PQ128x4fs
 """
 
 from __future__ import annotations
@@ -153,11 +154,11 @@ class Row:
     commands: dict[str, tuple[float, float]]
 
 
-def measure(real: Path, folder: Path, n: int, dim: int) -> Row:
+def measure(real: Path, folder: Path, n: int, dim: int, factory: str | None = None) -> Row:
     generator = Generator(dim)
     index = folder / f"n{n}-d{dim}.h5"
     extend(real, index, n, generator)
-    build_s, build_mb, _ = run(["faiss", str(index)])
+    build_s, build_mb, _ = run(["faiss", str(index), *(["--factory", factory] if factory else [])])
     queries = normalize(generator.rows(n + 10**7, QUERIES))  # past the index's rows: held out
     faiss.omp_set_num_threads(2)
     with IndexReader(index) as reader:
@@ -207,6 +208,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1281167")
     parser.add_argument("--dims", default="512,1280,2048")
     parser.add_argument("--folder", type=Path, help="where to write the indexes (default: a temporary folder)")
+    parser.add_argument("--factory", help="FAISS factory for every index (default: the size rule's choice)")
     args = parser.parse_args()
     print(f"{os.cpu_count()} cores, faiss {faiss.__version__}, python {sys.version.split()[0]}", flush=True)
     with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
@@ -215,7 +217,7 @@ def main() -> None:
         rows = []
         for dim in (int(d) for d in args.dims.split(",")):
             for n in (int(s) for s in args.sizes.split(",")):
-                rows.append(measure(real, folder, n, dim))
+                rows.append(measure(real, folder, n, dim, args.factory))
                 print_table(rows[-1:])
                 sys.stdout.flush()
     print_table(rows)

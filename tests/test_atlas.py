@@ -465,3 +465,19 @@ def test_the_front_page_shows_no_local_absolute_paths(built: tuple[Path, Path, P
     assert manifest["data_root"] == str(data.resolve()) and manifest["weights"] == str(weights.resolve())
     for page in site.rglob("*.html"):
         assert str(index.parent) not in page.read_text(), page
+
+
+def test_the_atlas_never_reads_the_whole_image_list(built: tuple[Path, Path, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """At ImageNet scale the list is 1.28M paths: the plan (which workers receive) holds only the paths of the
+    images the site shows."""
+    def whole(*args: object) -> None:
+        raise AssertionError("the atlas read every image path")
+
+    monkeypatch.setattr(IndexReader, "image_paths", whole)
+    out = tmp_path / "site"
+    build_atlas(config(built[0], out, layers=("down",), units="3"))
+    with IndexReader(built[0]) as reader:
+        shown = {int(i) for i in reader.layer("down").image.ravel() if i >= 0}
+    pages = {int(p.stem) for p in (out / "images").glob("[0-9]*.html")}
+    assert pages <= shown and (out / "units/down/3.html").is_file()
