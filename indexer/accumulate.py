@@ -18,6 +18,7 @@ from actindex.kernels.spatial import spatial_max, spatial_mean
 from actindex.kernels.topk import RunningTopK, TopKResult
 
 from .images import Normalize
+from .precision import EXACT, Numerics
 from .taps import tapped
 
 
@@ -26,8 +27,10 @@ class IndexAccumulator:
     number of images."""
 
     def __init__(self, model: nn.Module, channels: dict[str, int], k: int, mean: Sequence[float],
-                 std: Sequence[float], embed_layer: str | None, device: torch.device) -> None:
-        self.model = model
+                 std: Sequence[float], embed_layer: str | None, device: torch.device,
+                 numerics: Numerics = EXACT) -> None:
+        self.model = numerics.prepare(model)
+        self.numerics = numerics
         self.layers = list(channels)
         self.embed_layer = embed_layer
         self.device = device
@@ -44,7 +47,7 @@ class IndexAccumulator:
             self.topk[name].add(values, self._ids, positions)
             self.sums[name].add(values.float())
         if name == self.embed_layer:
-            self._embedding = spatial_mean(output)  # (B, D)
+            self._embedding = spatial_mean(output)  # (B, D) float32
 
     @torch.inference_mode()
     def add_batch(self, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
@@ -59,8 +62,8 @@ class IndexAccumulator:
         self._ids = ids.to(self.device, non_blocking=True)
         self._embedding = None
         names = self.layers + ([self.embed_layer] if self.embed_layer and self.embed_layer not in self.topk else [])
-        with tapped(self.model, names, self._record) as taps:
-            self.model(self.normalize(pixels))
+        with tapped(self.model, names, self._record) as taps, self.numerics.running(self.device):
+            self.model(self.numerics.input(self.normalize(pixels)))
             taps.check_once()
         return self._embedding
 

@@ -116,7 +116,7 @@ class _Build:
         state = (load_state(self.folder, job.rank, self.key) if config.resume else None) or \
             RankState(job.rank, start, end, {})
         accumulator = IndexAccumulator(plan.loaded.module, {n: g.channels for n, g in plan.geometry.items()},
-                                       config.k, plan.mean, plan.std, plan.embed_layer, plan.device)
+                                       config.k, plan.mean, plan.std, plan.embed_layer, plan.device, plan.numerics)
         if state.topk:
             accumulator.load_state_dict(state.topk)
         rows = RowFile(rows_path(self.folder, job.rank), start, end, plan.embed_dim) if plan.embed_layer else None

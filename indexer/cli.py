@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+from .choices import Decoder, Precision
+
 
 class ActindexGroup(click.Group):
     """A group whose commands turn user errors into one line and a non-zero exit (a traceback with --debug)."""
@@ -100,12 +102,18 @@ def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
                                              "options, same number of processes); starts afresh if there is none.")
 @click.option("--faiss-factory", help="FAISS index_factory string for the similarity index (e.g. Flat, "
                                      "IVF1024,Flat); 'none' for no FAISS file. Default: chosen by the data's size.")
+@click.option("--decoder", type=click.Choice([d.value for d in Decoder]), default="pil", show_default=True,
+              help="pil: Pillow, the exact path; turbo: JPEGs decoded by libjpeg-turbo and resized by torch on the "
+                   "CPU (pixels within 1 level of pil, faster); gpu: JPEGs decoded in batches on the CUDA device.")
+@click.option("--precision", type=click.Choice([p.value for p in Precision]), default="fp32", show_default=True,
+              help="What the network computes in: fp32, tf32 (CUDA), bf16 or fp16 (CUDA) autocast. Scores are "
+                   "stored as float32 whatever it is; the README says how much each changes.")
 @click.option("--crash-at", hidden=True, help="Testing: RANK:IMAGES[:raise|kill] injects a failure.")
 def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[str, ...] | None, k: int,
           input_size: int, mean: tuple[float, float, float] | None, std: tuple[float, float, float] | None,
           batch_size: int, workers: int | None, device: str | None, embed_layer: str | None,
           max_pixels: int | None, overwrite: bool, checkpoint_every: int, resume: bool, faiss_factory: str | None,
-          crash_at: str | None) -> None:
+          decoder: str, precision: str, crash_at: str | None) -> None:
     """Index the images under DATA: every unit's top-k images, positions and receptive-field boxes.
 
     Under torchrun (python -m torch.distributed.run … -m actindex.indexer build …) every process indexes a
@@ -118,7 +126,7 @@ def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[
                          input_size=input_size, mean=mean, std=std, batch_size=batch_size, workers=workers,
                          device=device, embed_layer=embed_layer, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                          overwrite=overwrite, checkpoint_every=checkpoint_every, resume=resume,
-                         faiss_factory=faiss_factory)
+                         faiss_factory=faiss_factory, decoder=Decoder(decoder), precision=Precision(precision))
     summary = build_index(config, progress=TqdmProgress, fault=Fault.parse(crash_at) if crash_at else None)
     if summary.rank != 0:
         return
@@ -209,6 +217,9 @@ def info(index: Path, as_json: bool) -> None:
     click.echo(f"  model {summary['model']}, weights {summary['weights'] or '(random init)'}, "
                f"input {summary['input_size']} px, k = {summary['k']}")
     click.echo(f"  data {summary['data_root']}: {summary['num_images']} images, {summary['num_skipped']} skipped")
+    backend = summary["build"].get("jpeg_backend")
+    click.echo(f"  decoder {summary['decoder']}{f' ({backend})' if backend else ''}, precision {summary['precision']}, "
+               f"memory format {summary['memory_format']}")
     build_info = summary["build"]
     if build_info:
         click.echo(f"  built {build_info.get('created', '?')} on {build_info.get('device', '?')} in "

@@ -4,8 +4,9 @@ The indexer streams every image of a folder through a network, and one bad file 
 never the run. So this module finds images (`scan_folder`), decodes any of them to upright 8-bit RGB
 or says in one line why it cannot (`load_rgb`), cuts the network input exactly as torchvision's
 ``Resize(resize_size(S)) + CenterCrop(S)`` does (`preprocess`), and remembers where that input sits in
-the original picture (`crop_geometry`) so patches can be shown at full resolution. `ImageDataset` and
-`collate` carry the outcome of each image, loaded or skipped with a reason, through a DataLoader.
+the original picture (`crop_geometry`) so patches can be shown at full resolution. This is the exact path
+(Pillow, as torchvision's transforms on PIL images); `decode.py` has the faster ones and `loader.py` the
+DataLoader side.
 
 Pixel convention, used by `CropGeometry`: pixel (row y, column x) covers the unit square
 [y, y + 1) x [x, x + 1); boxes are (y0, x0, y1, x1) in those edge coordinates, half-open. PIL's
@@ -38,9 +39,6 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 # open a file anyway, so a larger default would only promise what cannot be delivered. An RGB image this
 # large takes about 0.5 GB per DataLoader worker; lower it with --max-pixels on small machines.
 DEFAULT_MAX_PIXELS: int = 178_956_970
-
-Item = tuple[int, torch.Tensor | None, str]  # (image id, (3, S, S) uint8 or None, skip reason or "")
-
 
 class DataError(UserError):
     """The image folder cannot be used at all (as opposed to one bad file, see `ImageReadError`)."""
@@ -310,6 +308,18 @@ def crop_geometry(width: int, height: int, input_size: int) -> CropGeometry:
     )
 
 
+def checked_geometry(width: int, height: int, input_size: int, max_pixels: int) -> CropGeometry:
+    """`crop_geometry`, refusing an image whose resized form would be huge: a 1 x 100000 strip passes the pixel
+    limit but would resize to 256 x 25.6M pixels. Lowering max_pixels (to protect small machines from big files)
+    should not reject thumbnails that merely upscale, hence the floor at the default."""
+    g = crop_geometry(width, height, input_size)
+    limit = max(max_pixels, DEFAULT_MAX_PIXELS)
+    if g.resized_width * g.resized_height > limit:
+        raise ImageReadError(f"aspect ratio too extreme: {width}×{height} resizes to "
+                             f"{g.resized_width}×{g.resized_height}, more than {limit} pixels")
+    return g
+
+
 def preprocess(img: Image.Image, input_size: int) -> torch.Tensor:
     """Resize (shorter side to resize_size, bilinear, antialiased) and centre-crop to a (3, S, S) uint8.
 
@@ -351,94 +361,3 @@ class Normalize:
         """(1, 3, H, W) normalized -> (H, W, 3) uint8, clipped."""
         pixels = (x * self.std + self.mean).clamp(0, 1)[0]  # (3, H, W)
         return (pixels * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-# ------------------------------------------------------------------------------------------ data loading
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Image `ids[i]` is the file `root / paths[i]`: a shard passes its slice of both lists.
-
-    A file that fails yields (id, None, reason) instead of raising, so a DataLoader worker never dies
-    on bad data and the caller can record exactly which ids were skipped and why.
-    """
-
-    def __init__(
-        self, root: Path, paths: Sequence[str], ids: Sequence[int], input_size: int, max_pixels: int
-    ) -> None:
-        if len(paths) != len(ids):
-            raise ValueError(f"paths and ids must be parallel, got {len(paths)} paths and {len(ids)} ids")
-        self.root = Path(root)
-        self.paths = list(paths)
-        self.ids = [int(i) for i in ids]
-        self.input_size = input_size
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> Item:
-        try:
-            return self.ids[i], self._load(self.root / self.paths[i]), ""
-        except ImageReadError as err:
-            return self.ids[i], None, err.reason
-
-    def _load(self, path: Path) -> torch.Tensor:
-        img = load_rgb(path, self.max_pixels)
-        g = crop_geometry(img.width, img.height, self.input_size)
-        # A 1 x 100000 strip passes the pixel limit but would resize to 256 x 25.6M pixels: refuse it here.
-        # Lowering max_pixels (to protect small machines from big files) should not reject thumbnails that
-        # merely upscale, hence the floor at the default.
-        limit = max(self.max_pixels, DEFAULT_MAX_PIXELS)
-        if g.resized_width * g.resized_height > limit:
-            raise ImageReadError(
-                f"aspect ratio too extreme: {img.width}×{img.height} resizes to "
-                f"{g.resized_width}×{g.resized_height}, more than {limit} pixels"
-            )
-        return preprocess(img, self.input_size)
-
-    @property
-    def collate_fn(self) -> _Collate:
-        """`collate` that knows S, so a batch where every image failed still has shape (0, 3, S, S)."""
-        return _Collate(self.input_size)
-
-
-@dataclass
-class Batch:
-    """What the device loop needs from a batch: the images that loaded, and the ids that did not."""
-
-    ids: torch.Tensor  # (B,) int64, in input order
-    pixels: torch.Tensor  # (B, 3, S, S) uint8
-    skipped: list[tuple[int, str]]  # (image id, reason)
-
-    def pin_memory(self) -> Batch:
-        """DataLoader(pin_memory=True) calls this; without it a dataclass batch would stay pageable."""
-        return Batch(self.ids.pin_memory(), self.pixels.pin_memory(), self.skipped)
-
-
-def collate(items: Sequence[Item], input_size: int | None = None) -> Batch:
-    """Stack the loaded images of a batch and list the failed ones.
-
-    When no image of the batch loaded, the items do not say what S is: pixels is then (0, 3, S, S) with
-    `input_size`, and (0, 3, 0, 0) without it. Either is an empty batch to skip, never an error that
-    would end a long run; pass `ImageDataset.collate_fn` to the DataLoader to always get S.
-    """
-    loaded = [(i, x) for i, x, _ in items if x is not None]
-    skipped = [(i, reason) for i, x, reason in items if x is None]
-    ids = torch.tensor([i for i, _ in loaded], dtype=torch.int64)  # (B,)
-    if loaded:
-        pixels = torch.stack([x for _, x in loaded])  # B x (3, S, S) -> (B, 3, S, S)
-    else:
-        side = input_size or 0
-        pixels = torch.empty((0, 3, side, side), dtype=torch.uint8)
-    return Batch(ids=ids, pixels=pixels, skipped=skipped)
-
-
-@dataclass(frozen=True)
-class _Collate:
-    """A picklable `collate` bound to S, for DataLoader workers (a lambda would not pickle)."""
-
-    input_size: int
-
-    def __call__(self, items: Sequence[Item]) -> Batch:
-        return collate(items, self.input_size)

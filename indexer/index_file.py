@@ -19,6 +19,8 @@ import numpy as np
 
 from actindex.kernels.errors import UserError
 
+from .choices import Decoder, Precision
+
 FORMAT_NAME = "actindex"
 FORMAT_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
@@ -80,6 +82,7 @@ class BuildRecord:
     world_size: int
     actindex_version: str
     torch_version: str
+    jpeg_backend: str = ""  # the library behind --decoder turbo/gpu ("" for pil)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class IndexInfo:
     categories: tuple[str, ...]  # class names of the weights, may be empty
     build: BuildRecord
     faiss: FaissRecord | None  # None: no FAISS file was built
+    decoder: Decoder = Decoder.PIL  # how its images were decoded; files from before the option: pil
+    precision: Precision = Precision.FP32  # what the network computed in; files from before the option: fp32
+    memory_format: str = "contiguous"  # "channels_last" or "contiguous" (informational: changes only rounding)
 
     @property
     def faiss_path(self) -> Path | None:
@@ -121,7 +127,7 @@ class IndexInfo:
         build = BuildRecord(str(attrs.get("created", "")), float(attrs.get("seconds", 0.0)),
                             float(attrs.get("images_per_second", 0.0)), str(attrs.get("device", "")),
                             int(attrs.get("world_size", 1)), str(attrs.get("actindex_version", "")),
-                            str(attrs.get("torch_version", "")))
+                            str(attrs.get("torch_version", "")), str(attrs.get("jpeg_backend", "")))
         mean, std = (tuple(float(v) for v in attrs[key]) for key in ("mean", "std"))
         return cls(path=path, format_version=int(attrs["format_version"]), model=str(attrs["model"]),
                    weights=str(attrs.get("weights", "")), weights_sha256=str(attrs.get("weights_sha256", "")),
@@ -129,7 +135,19 @@ class IndexInfo:
                    k=int(attrs["k"]), data_root=Path(str(attrs["data_root"])), num_images=int(attrs["num_images"]),
                    num_skipped=int(attrs.get("num_skipped", 0)),
                    layers=tuple(json.loads(attrs.get("layers", "[]"))), embed_layer=str(attrs.get("embed_layer", "")),
-                   categories=tuple(json.loads(attrs.get("categories", "[]"))), build=build, faiss=faiss)
+                   categories=tuple(json.loads(attrs.get("categories", "[]"))), build=build, faiss=faiss,
+                   decoder=_known(Decoder, attrs.get("decoder", "pil"), path),
+                   precision=_known(Precision, attrs.get("precision", "fp32"), path),
+                   memory_format=str(attrs.get("memory_format", "contiguous")))
+
+
+def _known(kind: Any, value: Any, path: Path) -> Any:
+    """An enum member from its stored value; a value this version does not know is a newer writer's."""
+    try:
+        return kind(str(value))
+    except ValueError:
+        raise UserError(f"'{path}' was built with {kind.__name__.lower()} '{value}', which this version of actindex "
+                        "does not know; upgrade actindex to read it") from None
 
 
 class IndexWriter:
@@ -322,6 +340,7 @@ class IndexReader:
             "weights": info.weights, "input_size": info.input_size, "mean": list(info.mean), "std": list(info.std),
             "k": info.k, "data_root": str(info.data_root), "num_images": info.num_images,
             "num_skipped": info.num_skipped, "path": str(self.path), "layers": layers,
+            "decoder": info.decoder.value, "precision": info.precision.value, "memory_format": info.memory_format,
             "embeddings": {name: list(self.h5[f"embeddings/{name}"].shape) for name in self.embedding_names},
             "faiss": {}, "build": dataclasses.asdict(info.build)}
         if info.faiss is not None and info.faiss_path is not None:

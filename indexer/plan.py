@@ -15,11 +15,13 @@ from actindex.kernels.errors import UserError, not_found
 from actindex.kernels.receptive_field import LayerGeometry, trace_geometry
 
 from .checkpoint import image_list_hash
+from .choices import Decoder, Precision
 from .distributed import local_world_size
 from .images import DEFAULT_MAX_PIXELS, ImageList, scan_folder
 from .index_file import check_output
 from .layers import addressable_layers, check_indexable, resolve_layers
 from .models import LoadedModel, load_model
+from .precision import Numerics, choose_numerics
 from .similarity import NONE, check_factory
 
 DEFAULT_CHECKPOINT_EVERY = 50_000  # images per process; docs/DISTRIBUTED.md says what that costs
@@ -47,6 +49,8 @@ class BuildConfig:
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # images per process between checkpoints; 0: never
     resume: bool = False  # continue the partial build beside `out`, if there is one
     faiss_factory: str | None = None  # None: chosen by the data's size; "none": no FAISS file
+    decoder: Decoder = Decoder.PIL  # how image files become network inputs (decode.py)
+    precision: Precision = Precision.FP32  # what the network computes in (precision.py)
 
 
 def validate(config: BuildConfig) -> None:
@@ -82,6 +86,7 @@ class BuildPlan:
     device: torch.device
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    numerics: Numerics  # the precision, and the memory format chosen for it on this device
 
 
 def default_workers() -> int:
@@ -94,6 +99,8 @@ def default_workers() -> int:
 def plan_build(config: BuildConfig, device: torch.device) -> BuildPlan:
     """Check `config`, then resolve it: every error a build can find without reading images is raised here."""
     validate(config)
+    config.decoder.check(device)
+    config.precision.check(device)
     if config.workers is None:
         config = dataclasses.replace(config, workers=default_workers())
     images = scan_folder(config.data)
@@ -107,7 +114,8 @@ def plan_build(config: BuildConfig, device: torch.device) -> BuildPlan:
         check_factory(config.faiss_factory, embed_dim)
     mean = config.mean or loaded.mean
     std = config.std or loaded.std
-    return BuildPlan(config, loaded, geometry, embed_layer, embed_dim, images, device, mean, std)
+    numerics = choose_numerics(config.precision, device, loaded.module, config.input_size)
+    return BuildPlan(config, loaded, geometry, embed_layer, embed_dim, images, device, mean, std, numerics)
 
 
 def _embed_layer(config: BuildConfig, loaded: LoadedModel, layers: list[str]) -> str | None:
@@ -154,4 +162,6 @@ def fingerprint(plan: BuildPlan, world_size: int) -> dict[str, object]:
             "std": list(plan.std), "embed_layer": plan.embed_layer, "embed_dim": plan.embed_dim,
             "max_pixels": config.max_pixels, "batch_size": config.batch_size, "world_size": world_size,
             "device_type": plan.device.type, "images_count": len(plan.images.paths),
+            "decoder": config.decoder.value, "precision": config.precision.value,
+            "memory_format": plan.numerics.memory_format,
             "images": image_list_hash(plan.images.paths)}

@@ -16,8 +16,9 @@ from actindex.kernels.errors import UserError
 
 from .accumulate import IndexAccumulator
 from .checkpoint import RankState
+from .choices import Decoder
 from .distributed import Job, PeerFailed
-from .images import Batch, ImageDataset
+from .loader import Batch, DeviceDecode, ImageDataset
 from .plan import BuildPlan
 from .rows import RowSink
 from .signals import detach_worker, shielded
@@ -77,14 +78,18 @@ def shard_batches(plan: BuildPlan, start: int, end: int) -> Iterator[Batch]:
     """The images with ids [start, end), decoded and cropped by DataLoader workers, in batches in id order."""
     config = plan.config
     paths = plan.images.paths[start:end]
-    dataset = ImageDataset(plan.images.root, paths, range(start, end), config.input_size, config.max_pixels)
+    dataset = ImageDataset(plan.images.root, paths, range(start, end), config.input_size, config.max_pixels,
+                           config.decoder)
     workers = (config.workers or 0) if paths else 0
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=dataset.collate_fn, pin_memory=plan.device.type == "cuda",
                                          prefetch_factor=4 if workers > 0 else None,
                                          worker_init_fn=detach_worker if workers > 0 else None)
     with shielded():  # Ctrl-C and torchrun's signals are for this process, which stops its workers
-        return iter(loader)
+        batches = iter(loader)
+    if config.decoder is Decoder.GPU:
+        return map(DeviceDecode(plan.device, config.max_pixels), batches)
+    return batches
 
 
 def stream(batches: Iterator[Batch], state: RankState, accumulator: IndexAccumulator, sink: RowSink,

@@ -7,6 +7,7 @@ FAISS file.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import time
 from collections.abc import Callable
@@ -20,8 +21,10 @@ from actindex.kernels.receptive_field import LayerGeometry, boxes
 from actindex.kernels.spatial import unravel
 from actindex.kernels.topk import TopKResult
 
+from . import jpeg
 from .accumulate import IndexAccumulator
 from .atomic import atomic_path
+from .choices import Decoder
 from .index_file import IndexWriter, LayerHits, check_output
 from .plan import BuildPlan
 from .rows import RowFile
@@ -94,7 +97,7 @@ def _attrs(plan: BuildPlan, world_size: int, skipped: int, seconds: float) -> di
     from importlib.metadata import version
 
     config = plan.config
-    record = {key: (str(value) if isinstance(value, Path) else value)
+    record = {key: (str(value) if isinstance(value, Path) else value.value if isinstance(value, enum.Enum) else value)
               for key, value in dataclasses.asdict(config).items()}
     record.update(layers=list(plan.geometry), embed_layer=plan.embed_layer, mean=list(plan.mean),
                   std=list(plan.std), weights_resolved=plan.loaded.weights,
@@ -110,6 +113,8 @@ def _attrs(plan: BuildPlan, world_size: int, skipped: int, seconds: float) -> di
         "categories": json.dumps(plan.loaded.categories), "config": json.dumps(record, sort_keys=True),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
         "images_per_second": n / seconds if seconds > 0 else 0.0, "device": plan.device.type,
-        "world_size": world_size,
+        "world_size": world_size, "decoder": config.decoder.value, "precision": config.precision.value,
+        "memory_format": plan.numerics.memory_format,
+        "jpeg_backend": "" if config.decoder is Decoder.PIL else jpeg.backend(),
         "actindex_version": version("actindex"), "torch_version": str(torch.__version__),
     }

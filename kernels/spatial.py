@@ -21,12 +21,12 @@ def as_maps(features: torch.Tensor) -> torch.Tensor:
 def spatial_max(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and channel, the maximum over positions and the first position (row-major) that holds it.
 
-    Returns values (B, C) float32 and positions (B, C) int64.
+    Returns values (B, C) float32 and positions (B, C) int64, whatever dtype the network computed in: the
+    maximum is taken in that dtype (exact in any), and only the (B, C) values are converted.
     """
-    maps = as_maps(features).float()  # (B, C, H·W)
     # torch.max along a dim returns the index of the first maximal value.
-    values, positions = maps.max(dim=2)  # (B, C), (B, C)
-    return values, positions
+    values, positions = as_maps(features).max(dim=2)  # (B, C), (B, C)
+    return values.float(), positions
 
 
 def spatial_mean(features: torch.Tensor) -> torch.Tensor:

@@ -17,17 +17,15 @@ from torchvision import transforms
 from actindex.indexer.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
-    Batch,
     DataError,
-    ImageDataset,
     ImageReadError,
-    collate,
     crop_geometry,
     load_rgb,
     preprocess,
     resize_size,
     scan_folder,
 )
+from actindex.indexer.loader import Batch, ImageDataset, collate
 from actindex.kernels.errors import UserError
 
 from corpus import (  # tests/ is on sys.path under pytest's default import mode
