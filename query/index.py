@@ -73,8 +73,8 @@ class Index:
         """Images `ids` decoded and cropped as the build did; a moved or changed file is a one-line error."""
         from .loading import data_root, load_index_images
 
-        return load_index_images(data_root(self.info, self.data), self.paths(ids), self.info.input_size,
-                                 self.data is not None)
+        return load_index_images(data_root(self.info, self.data), self.paths(ids), self.info, self.data is not None,
+                                 self.device)
 
     def similarity(self, layer: str | None = None) -> SimilarityIndex:
         """The similarity index of `layer` (default: the one built), opened on first use."""

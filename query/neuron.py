@@ -19,21 +19,17 @@ import torch
 from torch import nn
 
 from actindex.indexer.atomic import atomic_path
+from actindex.indexer.choices import Precision
 from actindex.indexer.images import Normalize
 from actindex.indexer.taps import layer_value
 from actindex.kernels.errors import UserError
 from actindex.kernels.freeze import frozen
 from actindex.kernels.guided import GuidedBackprop
 
-from .loading import LoadedImage
+from .loading import LoadedImage, query_numerics
 
 if TYPE_CHECKING:
     from .index import Index
-
-# A recomputed activation must match the index to this relative tolerance (of the unit's best value): builds
-# on a GPU use TF32 convolutions, whose values differ from the CPU's in the third digit.
-TOLERANCE = 1e-2
-
 
 def unit_activations(model: nn.Module, layer: str, unit: int | torch.Tensor, x: torch.Tensor, ys: torch.Tensor,
                      xs: torch.Tensor) -> torch.Tensor:
@@ -55,7 +51,7 @@ def unit_activations(model: nn.Module, layer: str, unit: int | torch.Tensor, x: 
 
 @dataclass
 class Attribution:
-    values: torch.Tensor  # (B,) the unit's activation per image
+    values: torch.Tensor  # (B,) float32, the unit's activation per image
     gradient: torch.Tensor | None  # (B, 3, S, S) plain gradient; None when not asked for
     guided: torch.Tensor  # (B, 3, S, S) guided backpropagation
     unguided: dict[str, int]  # activations guided backprop is not defined for, and how often they ran
@@ -79,7 +75,8 @@ def attribute(model: nn.Module, layer: str, unit: int | torch.Tensor, x: torch.T
         with GuidedBackprop() as mode:
             guided_values = unit_activations(model, layer, unit, guided_input, ys, xs)
         (guided,) = torch.autograd.grad(guided_values.sum(), guided_input)
-    return Attribution(guided_values.detach(), gradient, guided, dict(mode.unguided))
+    # float32 values whatever the network computed in (under autocast the layer may give bf16 or fp16)
+    return Attribution(guided_values.detach().float(), gradient, guided, dict(mode.unguided))
 
 
 @dataclass(frozen=True)
@@ -149,9 +146,11 @@ def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None) -> Neu
     x = Normalize(info.mean, info.std, device)(torch.stack([image.pixels for image in images]))
     ys = torch.as_tensor(hits.y[unit][:count], dtype=torch.int64)
     xs = torch.as_tensor(hits.x[unit][:count], dtype=torch.int64)
-    result = attribute(loaded.module, layer, unit, x, ys, xs)
+    with query_numerics(info, device).running(torch.device(device)):
+        result = attribute(loaded.module, layer, unit, x, ys, xs)
     recorded = hits.value[unit][:count]
-    check_reproduced(layer, unit, [images[i].path for i in range(count)], recorded, result.values.cpu().numpy())
+    check_reproduced(layer, unit, [images[i].path for i in range(count)], recorded, result.values.cpu().numpy(),
+                     info.precision)
     assert result.gradient is not None
     rows = []
     for rank in range(count):
@@ -164,10 +163,14 @@ def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None) -> Neu
                         result.gradient.cpu().numpy(), result.guided.cpu().numpy(), result.unguided)
 
 
-def check_reproduced(layer: str, unit: int, paths: list[str], recorded: np.ndarray, now: np.ndarray) -> None:
+def check_reproduced(layer: str, unit: int, paths: list[str], recorded: np.ndarray, now: np.ndarray,
+                     precision: Precision = Precision.FP32) -> None:
+    """Each hit's recomputed activation against the index's, within the tolerance of the precision it was built in
+    (relative, and absolute against the unit's best score: a near-zero hit has no meaningful relative error)."""
+    tolerance = precision.tolerance
     scale = max(1.0, float(np.abs(recorded).max()))
     for path, before, after in zip(paths, recorded, now, strict=True):
-        if not math.isclose(float(before), float(after), rel_tol=TOLERANCE, abs_tol=TOLERANCE * scale):
+        if not math.isclose(float(before), float(after), rel_tol=tolerance, abs_tol=tolerance * scale):
             raise UserError(f"layer '{layer}' unit {unit} gives {after:.4g} on '{path}' now but {before:.4g} in "
                             "the index: the model, its weights or the image changed since the build; rebuild "
                             "the index, or pass the original --weights / --data-root")

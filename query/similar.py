@@ -9,6 +9,7 @@ score).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,7 @@ def embed(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     from actindex.indexer.taps import layer_value
     from actindex.kernels.spatial import spatial_mean
 
-    return layer_value(model, layer, x, lambda out: spatial_mean(out) if out.ndim == 4 else out)
+    return layer_value(model, layer, x, lambda out: spatial_mean(out) if out.ndim == 4 else out.float())
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,8 @@ def nearest(opened: Index, image: Path | None = None, image_id: int | None = Non
     else:
         assert image is not None
         query_image, x = _read_query(image, info, opened.device)
-        query_vector = _embed_query(opened.loaded.module, name, x)
+        with _running(info, opened.device):
+            query_vector = _embed_query(opened.loaded.module, name, x)
         query = {"image": str(image)}
     scores, ids = similarity.search(query_vector, k)
     found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
@@ -117,19 +119,31 @@ def nearest(opened: Index, image: Path | None = None, image_id: int | None = Non
         if image_id is not None:
             result.query_image = opened.images([image_id])[0].original
     if explain and hits:
-        _explain(result, opened.loaded.module, normalize(query_vector)[0], info, opened.device)
+        with _running(info, opened.device):
+            _explain(result, opened.loaded.module, normalize(query_vector)[0], info, opened.device)
     return result
 
 
+def _running(info: IndexInfo, device: str) -> contextlib.AbstractContextManager[None]:
+    """The index's precision around a forward pass (autocast for bf16 and fp16 indexes)."""
+    import torch
+
+    from .loading import query_numerics
+
+    return query_numerics(info, device).running(torch.device(device))
+
+
 def _read_query(image: Path, info: IndexInfo, device: str) -> tuple[Any, torch.Tensor]:
-    """A new image as a PIL image and as the normalized (1, 3, S, S) network input of the build."""
-    from actindex.indexer.images import ImageReadError, Normalize, load_rgb, preprocess
+    """A new image as a PIL image and as the normalized (1, 3, S, S) network input, made as the build made its own."""
+    from actindex.indexer.images import ImageReadError, Normalize, load_rgb
+
+    from .loading import index_pixels
 
     try:
         picture = load_rgb(image)
+        pixels = index_pixels([image], [picture], info, device)[0].unsqueeze(0)  # (1, 3, S, S) uint8
     except (ImageReadError, OSError) as error:
         raise UserError(f"cannot read --image '{image}': {error}") from error
-    pixels = preprocess(picture, info.input_size).unsqueeze(0)  # (1, 3, S, S) uint8
     return picture, Normalize(info.mean, info.std, device)(pixels)
 
 

@@ -17,8 +17,8 @@ LAYERS = ("stem", "block", "down", "head")
 SIZE = 48  # tiny_net's input size in these builds
 
 
-def make_images(root: Path, n: int = 37, seed: int = 0) -> None:
-    """Class folders of smooth random images of varied sizes, and one corrupt file."""
+def make_images(root: Path, n: int = 37, seed: int = 0, suffix: str = ".png") -> None:
+    """Class folders of smooth random images of varied sizes (PNG, or JPEG of quality 90), and one corrupt file."""
     rng = np.random.default_rng(seed)
     for i in range(n):
         folder = root / f"class{i % 3}"
@@ -26,7 +26,7 @@ def make_images(root: Path, n: int = 37, seed: int = 0) -> None:
         small = rng.integers(0, 256, (rng.integers(3, 9), rng.integers(3, 9), 3), dtype=np.uint8)
         w, h = int(rng.integers(40, 120)), int(rng.integers(40, 120))
         image = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
-        image.save(folder / f"img{i:03d}.png")
+        image.save(folder / f"img{i:03d}{suffix}", quality=90)
     (root / "class1" / "img_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
 
 

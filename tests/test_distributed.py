@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from actindex.indexer.build import BuildConfig, Fault, InjectedFault, build_index, shard_ranges
 from actindex.indexer.checkpoint import partial_dir, state_path
+from actindex.indexer.choices import Decoder, Precision
 from actindex.kernels.errors import UserError
 
 from helpers import LAYERS, SIZE, make_images
@@ -236,6 +237,34 @@ def test_torchrun_builds_the_single_process_index(data: Path, weights: Path, ref
     with h5py.File(out) as f:
         assert f.attrs["world_size"] == processes
     assert not partial_dir(out).exists()
+
+
+@pytest.fixture(scope="module")
+def jpeg_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("jpeg_data")
+    make_images(root, n=45, seed=2, suffix=".jpg")
+    return root
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("decoder", "precision"), [("turbo", "fp32"), ("pil", "bf16"), ("turbo", "bf16")])
+def test_each_decoder_and_precision_gives_the_same_index_on_1_or_2_processes_and_after_a_crash(
+        jpeg_data: Path, weights: Path, tmp_path: Path, decoder: str, precision: str) -> None:
+    """Every setting that runs on the CPU: one process, two under torchrun, and a crash then --resume agree bit for
+    bit (and the setting made a difference: the index is not the default build's)."""
+    settings = {"decoder": Decoder(decoder), "precision": Precision(precision)}
+    single, two, resumed, default = (tmp_path / name / "index.h5" for name in ("single", "two", "resumed", "default"))
+    build_index(config(jpeg_data, weights, single, **settings))
+    result = torchrun(2, cli_args(jpeg_data, weights, two, "--decoder", decoder, "--precision", precision))
+    assert result.returncode == 0, result.stderr
+    assert_same_index(two, single)
+    with pytest.raises(InjectedFault):
+        build_index(config(jpeg_data, weights, resumed, **settings), fault=Fault(rank=0, after=20))
+    build_index(config(jpeg_data, weights, resumed, resume=True, **settings))
+    assert_same_index(resumed, single)
+    build_index(config(jpeg_data, weights, default))
+    with h5py.File(single) as a, h5py.File(default) as b:
+        assert not np.array_equal(a["layers/head/value"][()], b["layers/head/value"][()])
 
 
 @pytest.mark.distributed

@@ -24,7 +24,7 @@ from actindex.indexer.images import Normalize
 from actindex.kernels.errors import UserError
 
 from ..dream import DreamConfig, dream
-from ..loading import LoadedImage, data_root, load_index_images, load_index_model
+from ..loading import LoadedImage, data_root, load_index_images, load_index_model, query_numerics
 from ..neuron import attribute, check_reproduced
 from ..render import map_image, patch
 from .plan import Plan
@@ -91,8 +91,8 @@ class Worker:
 
     def images(self, ids: list[int]) -> list[LoadedImage]:
         missing = sorted({i for i in ids if i not in self._images})
-        loaded = load_index_images(self.root, [self.plan.paths[i] for i in missing],
-                                   self.plan.info.input_size, self.root_given)
+        loaded = load_index_images(self.root, [self.plan.paths[i] for i in missing], self.plan.info,
+                                   self.root_given, self.device)
         for image_id, image in zip(missing, loaded, strict=True):
             self._images[image_id] = image
         result = [self._images[i] for i in ids]
@@ -129,6 +129,7 @@ class Worker:
         pairs = [(u, r) for u in units for r in range(plan.hit_count(layer, u))]
         outcome = Outcome(units=len(units))
         normalize = Normalize(plan.info.mean, plan.info.std, self.device)
+        numerics = query_numerics(plan.info, self.device)
         unguided: dict[str, int] = {}
         for start in range(0, len(pairs), self.batch_size):
             batch = pairs[start:start + self.batch_size]
@@ -138,14 +139,16 @@ class Worker:
             channels = torch.tensor([u for u, _ in batch])
             ys = torch.tensor([int(hits.y[u, r]) for u, r in batch])
             xs = torch.tensor([int(hits.x[u, r]) for u, r in batch])
-            result = attribute(self.model, layer, channels, x, ys, xs, plain=False)
+            with numerics.running(torch.device(self.device)):
+                result = attribute(self.model, layer, channels, x, ys, xs, plain=False)
             for name, count in result.unguided.items():
                 unguided[name] = unguided.get(name, 0) + count
             recorded = np.array([hits.value[u, r] for u, r in batch], dtype=np.float32)
             now = result.values.cpu().numpy()
             for unit in sorted({u for u, _ in batch}):
                 rows = [i for i, (u, _) in enumerate(batch) if u == unit]
-                check_reproduced(layer, unit, [images[i].path for i in rows], recorded[rows], now[rows])
+                check_reproduced(layer, unit, [images[i].path for i in rows], recorded[rows], now[rows],
+                                 plan.info.precision)
             guided = result.guided.cpu().numpy()  # (B, 3, S, S)
             for row, ((unit, rank), image) in enumerate(zip(batch, images, strict=True)):
                 y0, x0, y1, x1 = (int(v) for v in hits.box[unit, rank])
