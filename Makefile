@@ -13,7 +13,7 @@ TYPECHECK := build/typecheck
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[demo,test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[demo,test,fast]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from .accumulate import IndexAccumulator as IndexAccumulator
     from .build import BuildSummary as BuildSummary
     from .build import build_index as build_index
+    from .choices import Decoder as Decoder
+    from .choices import Precision as Precision
     from .index_file import IndexInfo as IndexInfo
     from .index_file import IndexReader as IndexReader
     from .index_file import LayerHits as LayerHits
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from .similarity import search as search
 
 _NAMES = {"IndexAccumulator": "accumulate", "BuildSummary": "build", "build_index": "build",
+          "Decoder": "choices", "Precision": "choices",
           "IndexInfo": "index_file", "IndexReader": "index_file", "LayerHits": "index_file", "BuildConfig": "plan",
           "build_vector_index": "similarity", "search": "similarity"}
 __all__ = sorted(_NAMES)

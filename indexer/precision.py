@@ -6,9 +6,10 @@
 - ``bf16``, ``fp16``: `torch.autocast` (fp16 on CUDA only: CPUs without fp16 kernels run it some 20 times
   slower than fp32).
 
-Top-k scores are float32 whatever the network computes in (`kernels.spatial`). Channels-last is used where it
-was measured faster (docs/BENCHMARKS.md): on the CPU always, on CUDA with tf32, bf16 and fp16; never for a
-model that fails with it (a custom `.view` on a feature map), which the plan checks with one forward pass.
+Top-k scores are float32 whatever the network computes in (`kernels.spatial`). Channels-last is used on the CPU,
+where it was measured 1.25 to 1.9x faster (docs/BENCHMARKS.md), and on CUDA with tf32, bf16 and fp16, whose
+tensor-core convolutions work in that layout (scripts/gpu_check.sh measures it); never for a model that fails
+with it (a custom `.view` on a feature map), which the plan checks with one forward pass.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def demo_weights(out_dir: Path) -> Path:
     return path
 
 
-def _photo(name: str) -> np.ndarray:
+def photo(name: str) -> np.ndarray:
+    """One of scikit-image's photos (PHOTOS) as an (H, W) or (H, W, C) uint8 array."""
     import skimage.data
 
     if name == "motorcycle":
@@ -78,7 +79,7 @@ def demo_images(root: Path, per_photo: int, seed: int = 0) -> Path:
         return root
     rng = np.random.default_rng(seed)
     for name in PHOTOS:
-        image = Image.fromarray(_photo(name))  # keeps grey as L and the logo as RGBA: the loader converts them
+        image = Image.fromarray(photo(name))  # keeps grey as L and the logo as RGBA: the loader converts them
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         width, height = image.size

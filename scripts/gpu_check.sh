@@ -6,7 +6,10 @@
 #   - torchrun with more processes than GPUs: the one-line refusal;
 #   - the atlas of every unit of the demo index on the GPU with 8 worker processes, against a few units on the
 #     CPU in the same run (seconds per unit);
-#   - scripts/bench_query.py and scripts/bench_dream.py with --device cuda.
+#   - scripts/bench_query.py and scripts/bench_dream.py with --device cuda;
+#   - decoders and precisions (issue 14): a --decoder gpu --precision bf16 build queried on CUDA and on the CPU,
+#     torchrun on one GPU against one process for it, and scripts/bench_decode.py's fidelity and end-to-end modes
+#     (bare forward vs today's build vs the GPU-decode build, resnet18/resnet50/demo at fp32 and bf16).
 # Usage, from the repository root with actindex installed (ACTINDEX names the command, PYTHON the interpreter):
 #   bash scripts/gpu_check.sh WORKDIR
 set -uo pipefail
@@ -22,7 +25,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PYTHON -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
 step "GPU tests"
-$PYTHON -m pytest -q -m gpu -p no:cacheprovider tests/test_build.py tests/test_images.py tests/test_exact_sum.py
+$PYTHON -m pytest -q -m gpu -p no:cacheprovider tests/test_build.py tests/test_images.py tests/test_exact_sum.py \
+    tests/test_decode.py
 
 step "demo on cuda"
 seconds $ACTINDEX demo --device cuda --out "$work/demo" | grep -v "^  unit\|^$" | tail -25
@@ -63,4 +67,28 @@ step "bench_query cuda"
 $PYTHON scripts/bench_query.py --device cuda --rounds 5 | tail -8
 step "bench_dream cuda"
 $PYTHON scripts/bench_dream.py --device cuda | tail -6
+step "decoder gpu, precision bf16: build, neuron on cuda and on the cpu, one process vs torchrun x 2"
+fast=(--decoder gpu --precision bf16)
+seconds $ACTINDEX build "$data" --out "$work/gpu-bf16.h5" "${common[@]}" "${fast[@]}" 2>&1 | tail -2
+$ACTINDEX info "$work/gpu-bf16.h5" | grep decoder
+$ACTINDEX neuron "$work/gpu-bf16.h5" --layer conv_head --unit 7 --device cuda --json | head -c 300; echo
+$ACTINDEX neuron "$work/gpu-bf16.h5" --layer conv_head --unit 7 --device cpu --json | head -c 300; echo
+torchrun --standalone --nproc_per_node=2 "$(command -v "$ACTINDEX")" build "$data" --out "$work/gpu-bf16-two.h5" \
+    "${common[@]}" "${fast[@]}" 2>&1 | tail -1
+$PYTHON - "$work/gpu-bf16.h5" "$work/gpu-bf16-two.h5" <<'EOF'
+import sys, h5py, numpy as np
+def datasets(path):
+    out = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+    return out
+a, b = datasets(sys.argv[1]), datasets(sys.argv[2])
+bad = [k for k in a if k not in b or not np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")]
+print("gpu/bf16: two processes == one process, every dataset bit for bit:", a.keys() == b.keys() and not bad, bad[:5])
+EOF
+
+step "bench_decode fidelity on cuda (top-9 changes and score differences per decoder and precision)"
+$PYTHON scripts/bench_decode.py fidelity --device cuda --images 1000 --batch-size 128
+step "bench_decode end to end on cuda (targets: resnet50 bf16 build >= 0.9 of forward; resnet18 gpu >= 3x pil)"
+$PYTHON scripts/bench_decode.py e2e --device cuda --images 4000 --batch-size 256 --workers 16 --rounds 2
 step "done"

@@ -27,6 +27,7 @@ from actindex.indexer.loader import DeviceDecode, ImageDataset
 from actindex.indexer.precision import Numerics, choose_numerics
 from actindex.kernels.errors import UserError
 from actindex.kernels.spatial import spatial_max
+from actindex.query import AtlasConfig, build_atlas
 from actindex.query.cli import main as cli
 from actindex.query.index import Index
 from actindex.query.neuron import attribute, check_reproduced
@@ -178,6 +179,25 @@ def test_the_device_stage_decodes_in_one_batch_and_orders_by_id(tmp_path: Path, 
         assert torch.equal(x, network_input(root / found.paths[image_id], 48, DEFAULT_MAX_PIXELS, Decoder.TURBO))
 
 
+def test_jpeg_bytes_cross_from_dataloader_workers(tmp_path: Path, jpegs: list[Path]) -> None:
+    """What the workers hand on for the device decoder survives the trip through a DataLoader's worker processes."""
+    for i, path in enumerate(jpegs[:8]):
+        (tmp_path / f"{i}.jpg").write_bytes(path.read_bytes())
+    paths = [f"{i}.jpg" for i in range(8)]
+    dataset = ImageDataset(tmp_path, paths, range(8), 32, DEFAULT_MAX_PIXELS, Decoder.GPU)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=dataset.collate_fn)
+    decode = DeviceDecode("cpu", DEFAULT_MAX_PIXELS)
+    ids, pixels = [], []
+    for batch in loader:
+        assert batch.encoded
+        done = decode(batch)
+        ids += done.ids.tolist()
+        pixels += list(done.pixels)
+    assert ids == list(range(8))
+    for path, x in zip(paths, pixels, strict=True):
+        assert torch.equal(x, network_input(tmp_path / path, 32, DEFAULT_MAX_PIXELS, Decoder.TURBO))
+
+
 def test_a_file_the_device_refuses_takes_the_cpu_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A corrupt JPEG with a good header fails the batch call: the others are decoded singly, the bad one goes to
     the CPU path and is skipped with the pil path's reason; one the device decodes to a wrong size is re-read."""
@@ -293,6 +313,9 @@ def test_an_index_records_its_decoder_and_precision_and_queries_honour_them(
         assert near.hits[0].image_id == 0 and near.hits[0].score == pytest.approx(1.0, abs=2e-2)
     result = CliRunner().invoke(cli, ["info", str(out)])
     assert f"decoder {decoder.value}" in result.output and f"precision {precision.value}" in result.output
+    site = build_atlas(AtlasConfig(index=out, out=tmp_path / "site", layers=("block", "head"), units="0-2",
+                                   image_format="png", dream=False))  # every hit of 6 units re-made and checked
+    assert site.units_computed == 6
 
 
 @pytest.mark.slow

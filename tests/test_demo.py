@@ -18,7 +18,7 @@ from PIL import Image  # noqa: E402
 from actindex.indexer.images import preprocess  # noqa: E402
 from actindex.indexer.index_file import IndexReader  # noqa: E402
 from actindex.indexer.models import load_model  # noqa: E402
-from actindex.query.demo import LAYERS, MODEL, _photo, demo_weights  # noqa: E402
+from actindex.query.demo import LAYERS, MODEL, demo_weights, photo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +30,11 @@ def test_converted_weights_classify_the_packaged_photos(weights: Path) -> None:
     loaded = load_model(MODEL, str(weights))
     mean = torch.tensor(loaded.mean).view(3, 1, 1)
     std = torch.tensor(loaded.std).view(3, 1, 1)
-    for photo, expected in (("coffee", 967), ("rocket", 657)):  # espresso, missile
-        x = (preprocess(Image.fromarray(_photo(photo)), 224).float() / 255 - mean) / std
+    for name, expected in (("coffee", 967), ("rocket", 657)):  # espresso, missile
+        x = (preprocess(Image.fromarray(photo(name)), 224).float() / 255 - mean) / std
         with torch.inference_mode():
             logits = loaded.module(x.unsqueeze(0))[0]
-        assert int(logits.argmax()) == expected, photo
+        assert int(logits.argmax()) == expected, name
 
 
 def test_demo_layers_are_the_default_stages_plus_the_logits(weights: Path) -> None:
