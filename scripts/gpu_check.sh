@@ -8,7 +8,7 @@
 #     CPU in the same run (seconds per unit);
 #   - scripts/bench_query.py and scripts/bench_dream.py with --device cuda;
 #   - decoders and precisions (issue 14): a --decoder gpu --precision bf16 build queried on CUDA and on the CPU,
-#     torchrun on one GPU against one process for it, and scripts/bench_decode.py's fidelity and end-to-end modes
+#     crashed and resumed under torchrun against one uninterrupted process, and scripts/bench_decode.py's fidelity and end-to-end modes
 #     (bare forward vs today's build vs the GPU-decode build, resnet18/resnet50/demo at fp32 and bf16).
 # Usage, from the repository root with actindex installed (ACTINDEX names the command, PYTHON the interpreter):
 #   bash scripts/gpu_check.sh WORKDIR
@@ -19,6 +19,19 @@ ACTINDEX=${ACTINDEX:-actindex}
 mkdir -p "$work"
 step() { echo; echo "=== $* ($(date +%T))"; }
 seconds() { local t0=$SECONDS; "$@"; local rc=$?; echo "[${*:1:2}…: $((SECONDS - t0)) s, exit $rc]"; }
+same_index() {  # A B LABEL: every dataset of two indexes equal bit for bit
+    $PYTHON - "$1" "$2" "$3" <<'EOF'
+import sys, h5py, numpy as np
+def datasets(path):
+    out = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+    return out
+a, b = datasets(sys.argv[1]), datasets(sys.argv[2])
+bad = [k for k in a if k not in b or not np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")]
+print(f"{sys.argv[3]}, every dataset bit for bit:", a.keys() == b.keys() and not bad, bad[:5])
+EOF
+}
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -40,17 +53,7 @@ torchrun --standalone --nproc_per_node=1 "$(command -v "$ACTINDEX")" build "$dat
     "${common[@]}" --crash-at 0:100:raise 2>&1 | grep -i "error\|resume" | head -3
 torchrun --standalone --nproc_per_node=1 "$(command -v "$ACTINDEX")" build "$data" --out "$work/resumed.h5" \
     "${common[@]}" --resume 2>&1 | tail -2
-$PYTHON - "$work/plain.h5" "$work/resumed.h5" <<'EOF'
-import sys, h5py, numpy as np
-def datasets(path):
-    out = {}
-    with h5py.File(path) as f:
-        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
-    return out
-a, b = datasets(sys.argv[1]), datasets(sys.argv[2])
-bad = [k for k in a if k not in b or not np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")]
-print("resumed == uninterrupted, every dataset bit for bit:", a.keys() == b.keys() and not bad, bad[:5])
-EOF
+same_index "$work/plain.h5" "$work/resumed.h5" "resumed == uninterrupted"
 
 step "two processes on one GPU"
 torchrun --standalone --nproc_per_node=2 "$(command -v "$ACTINDEX")" build "$data" --out "$work/two.h5" \
@@ -67,25 +70,17 @@ step "bench_query cuda"
 $PYTHON scripts/bench_query.py --device cuda --rounds 5 | tail -8
 step "bench_dream cuda"
 $PYTHON scripts/bench_dream.py --device cuda | tail -6
-step "decoder gpu, precision bf16: build, neuron on cuda and on the cpu, one process vs torchrun x 2"
+step "decoder gpu, precision bf16: build, neuron on cuda and on the cpu; torchrun (NCCL) with a crash and --resume"
 fast=(--decoder gpu --precision bf16)
 seconds $ACTINDEX build "$data" --out "$work/gpu-bf16.h5" "${common[@]}" "${fast[@]}" 2>&1 | tail -2
 $ACTINDEX info "$work/gpu-bf16.h5" | grep decoder
 $ACTINDEX neuron "$work/gpu-bf16.h5" --layer conv_head --unit 7 --device cuda --json | head -c 300; echo
 $ACTINDEX neuron "$work/gpu-bf16.h5" --layer conv_head --unit 7 --device cpu --json | head -c 300; echo
-torchrun --standalone --nproc_per_node=2 "$(command -v "$ACTINDEX")" build "$data" --out "$work/gpu-bf16-two.h5" \
-    "${common[@]}" "${fast[@]}" 2>&1 | tail -1
-$PYTHON - "$work/gpu-bf16.h5" "$work/gpu-bf16-two.h5" <<'EOF'
-import sys, h5py, numpy as np
-def datasets(path):
-    out = {}
-    with h5py.File(path) as f:
-        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
-    return out
-a, b = datasets(sys.argv[1]), datasets(sys.argv[2])
-bad = [k for k in a if k not in b or not np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")]
-print("gpu/bf16: two processes == one process, every dataset bit for bit:", a.keys() == b.keys() and not bad, bad[:5])
-EOF
+torchrun --standalone --nproc_per_node=1 "$(command -v "$ACTINDEX")" build "$data" --out "$work/gpu-bf16-run.h5" \
+    "${common[@]}" "${fast[@]}" --crash-at 0:100:raise 2>&1 | grep -i "error\|resume" | head -3
+torchrun --standalone --nproc_per_node=1 "$(command -v "$ACTINDEX")" build "$data" --out "$work/gpu-bf16-run.h5" \
+    "${common[@]}" "${fast[@]}" --resume 2>&1 | tail -1
+same_index "$work/gpu-bf16.h5" "$work/gpu-bf16-run.h5" "gpu/bf16: torchrun, crashed and resumed == one process"
 
 step "bench_decode fidelity on cuda (top-9 changes and score differences per decoder and precision)"
 $PYTHON scripts/bench_decode.py fidelity --device cuda --images 1000 --batch-size 128
