@@ -158,6 +158,21 @@ def test_every_decoder_reads_and_skips_what_pil_does(tmp_path: Path, decoder: De
             assert (other.int() - pixels.int()).abs().max() <= limit, path
 
 
+@pytest.mark.parametrize("cut", [2, 100, 1000])
+def test_a_jpeg_cut_short_near_its_end_is_skipped_by_every_decoder(tmp_path: Path, jpegs: list[Path], cut: int) -> None:
+    """Missing only its last bytes (the end-of-image marker, the last scan rows): libjpeg-turbo could fill in grey,
+    Pillow refuses; every decoder must refuse too, with Pillow's reason."""
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(jpegs[0].read_bytes()[:-cut])
+    with pytest.raises(ImageReadError) as exact:
+        load_rgb(path)
+    with pytest.raises(ImageReadError) as turbo:
+        network_input(path, 32, DEFAULT_MAX_PIXELS, Decoder.TURBO)
+    dataset = ImageDataset(tmp_path, ["cut.jpg"], [0], 32, DEFAULT_MAX_PIXELS, Decoder.GPU)
+    done = DeviceDecode("cpu", DEFAULT_MAX_PIXELS)(dataset.collate_fn([dataset[0]]))
+    assert turbo.value.reason == exact.value.reason and done.skipped == [(0, exact.value.reason)]
+
+
 def test_the_device_stage_decodes_in_one_batch_and_orders_by_id(tmp_path: Path, jpegs: list[Path],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "data"
