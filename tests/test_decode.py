@@ -364,6 +364,42 @@ def test_an_index_without_the_attributes_reads_as_pil_fp32_and_an_unknown_value_
         _ = reader.info
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("recorded", "settings"), [({"decoder": "gpu"}, (Decoder.TURBO, Precision.FP32)),
+                                                    ({"precision": "fp16"}, (Decoder.PIL, Precision.FP32)),
+                                                    ({"precision": "tf32"}, (Decoder.PIL, Precision.FP32))])
+def test_a_cuda_index_is_queried_on_a_machine_without_cuda(jpeg_data: Path, weights: Path, tmp_path: Path,
+                                                           recorded: dict[str, str],
+                                                           settings: tuple[Decoder, Precision]) -> None:
+    """An index built with --decoder gpu (or in tf32, fp16) and queried on a laptop: its hits are re-made with
+    libjpeg-turbo (in fp32) and checked; here the CPU build that the CUDA one stands for is relabelled."""
+    out = _build(jpeg_data, weights, tmp_path / "index.h5", *settings)
+    with h5py.File(out, "a") as f:
+        f.attrs.update(recorded)
+    with Index(out) as index:
+        assert index.info.decoder.on(torch.device("cpu")) is settings[0]
+        assert index.info.precision.on(torch.device("cpu")) is settings[1]
+        for layer in LAYERS:
+            index.neuron(layer, 0)
+
+
+def test_the_build_command_takes_the_decoder_and_the_precision(jpeg_data: Path, weights: Path,
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / "index.h5"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["build", str(jpeg_data), "--model", "tiny_models:tiny_net", "--weights", str(weights),
+                                 "--out", str(out), "--device", "cpu", "--input-size", str(SIZE), "--workers", "0",
+                                 "--decoder", "turbo", "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(runner.invoke(cli, ["info", str(out), "--json"]).output)
+    assert (info["decoder"], info["precision"], info["memory_format"]) == ("turbo", "bf16", "channels_last")
+    result = runner.invoke(cli, ["neuron", str(out), "--layer", "down", "--unit", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["build", str(jpeg_data), "--model", "tiny_models:tiny_net", "--out",
+                                 str(tmp_path / "x.h5"), "--decoder", "nvjpeg"])
+    assert result.exit_code == 2 and "'nvjpeg' is not one of 'pil', 'turbo', 'gpu'" in result.output
+
+
 @pytest.mark.parametrize(("option", "message"), [
     (("--decoder", "gpu"), "--decoder gpu decodes on a CUDA device"),
     (("--precision", "fp16"), "--precision fp16 runs on CUDA devices only"),
