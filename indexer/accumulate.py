@@ -1,8 +1,9 @@
 """One forward pass per batch in, per-layer top-k and per-image activation vectors out.
 
 `IndexAccumulator.add_batch` runs the network on a batch whose image ids are known, taps the chosen layers
-while the forward runs, and folds each layer's per-image channel maxima into a `RunningTopK` and an
-`ExactSum` (for each unit's dataset mean) on the model's device. It knows nothing about where batches come
+while the forward runs, and folds each layer's per-image channel maxima into a `RunningTopK`, an `ExactSum` (for
+each unit's dataset mean) and a `UnitHistogram` (its score distribution: firing rate, quantiles) on the model's
+device. It knows nothing about where batches come
 from (a folder, a rank's shard, a benchmark's tensors).
 """
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from actindex.kernels.exact_sum import ExactSum
+from actindex.kernels.histogram import UnitHistogram
 from actindex.kernels.spatial import spatial_max, spatial_mean
 from actindex.kernels.topk import RunningTopK, TopKResult
 
@@ -23,8 +25,8 @@ from .taps import tapped
 
 
 class IndexAccumulator:
-    """Per-layer running top-k and exact sums over images; state is O(layers × C × (k + 277)) whatever the
-    number of images."""
+    """Per-layer running top-k, exact sums and histograms over images; state is O(layers × C × (k + 277 + 5126))
+    whatever the number of images (41 KB a unit, most of it the histogram)."""
 
     def __init__(self, model: nn.Module, channels: dict[str, int], k: int, mean: Sequence[float],
                  std: Sequence[float], embed_layer: str | None, device: torch.device,
@@ -36,6 +38,7 @@ class IndexAccumulator:
         self.device = device
         self.topk = {name: RunningTopK(c, k, device) for name, c in channels.items()}
         self.sums = {name: ExactSum(c, device) for name, c in channels.items()}
+        self.distributions = {name: UnitHistogram(c, device) for name, c in channels.items()}
         self.normalize = Normalize(mean, std, device)
         self._ids = torch.empty(0, dtype=torch.int64, device=device)
         self._embedding: torch.Tensor | None = None
@@ -45,7 +48,8 @@ class IndexAccumulator:
         if name in self.topk:
             values, positions = spatial_max(output)  # (B, C), (B, C)
             self.topk[name].add(values, self._ids, positions)
-            self.sums[name].add(values.float())
+            self.sums[name].add(values)
+            self.distributions[name].add(values)
         if name == self.embed_layer:
             self._embedding = spatial_mean(output)  # (B, D) float32
 
@@ -76,6 +80,9 @@ class IndexAccumulator:
             total = ExactSum(topk.channels, topk.device)
             total.load_state_dict({key: state[f"{name}/sum_{key}"] for key in ("buckets", "nonfinite")})
             self.sums[name].merge(total)
+            histogram = UnitHistogram(topk.channels, topk.device)
+            histogram.load_state_dict({"counts": state[f"{name}/hist_counts"]})
+            self.distributions[name].merge(histogram)
 
     def results(self) -> dict[str, TopKResult]:
         return {name: topk.result() for name, topk in self.topk.items()}
@@ -86,15 +93,22 @@ class IndexAccumulator:
                                                                            dtype=torch.float64)
                 for name, total in self.sums.items()}
 
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """(C, BINS) int64 counts per layer, on the CPU (kernels.histogram has the bins)."""
+        return {name: histogram.counts.cpu() for name, histogram in self.distributions.items()}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole state as named CPU tensors: what a checkpoint stores and what ranks gather to merge."""
         state = {f"{name}/{key}": tensor for name, topk in self.topk.items()
                  for key, tensor in topk.state_dict().items()}
         state.update({f"{name}/sum_{key}": tensor for name, total in self.sums.items()
                       for key, tensor in total.state_dict().items()})
+        state.update({f"{name}/hist_{key}": tensor for name, histogram in self.distributions.items()
+                      for key, tensor in histogram.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, topk in self.topk.items():
             topk.load_state_dict({key: state[f"{name}/{key}"] for key in ("values", "ids", "positions")})
             self.sums[name].load_state_dict({key: state[f"{name}/sum_{key}"] for key in ("buckets", "nonfinite")})
+            self.distributions[name].load_state_dict({"counts": state[f"{name}/hist_counts"]})

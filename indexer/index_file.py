@@ -52,6 +52,30 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 @dataclass(frozen=True)
+class UnitDistribution:
+    """A unit's scores over the readable images, from its histogram (`kernels.histogram`): exact counts, the
+    fraction of images where it fires (score > 0, exact), and quantiles within 0.78 % of the exact ones."""
+
+    count: int  # readable images (NaN scores left out)
+    firing_rate: float
+    quantiles: dict[float, float]  # q -> score: 0.5, 0.9, 0.99, 0.999
+
+    QUANTILES = (0.5, 0.9, 0.99, 0.999)
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray) -> UnitDistribution:
+        """From one unit's (1, BINS) counts."""
+        import torch
+
+        from actindex.kernels import histogram
+
+        tensor = torch.as_tensor(np.asarray(counts, dtype=np.int64))
+        values = histogram.quantiles(tensor, list(cls.QUANTILES))[0].tolist()
+        return cls(int(tensor[0, :histogram.NAN].sum()), float(histogram.firing_rate(tensor)[0]),
+                   dict(zip(cls.QUANTILES, values, strict=True)))
+
+
+@dataclass(frozen=True)
 class FaissRecord:
     """What an index records about the FAISS file beside it (the `faiss_*` attributes)."""
 
@@ -182,6 +206,17 @@ class IndexWriter:
 
     def write_mean(self, name: str, mean: np.ndarray) -> None:
         self.h5.create_dataset(f"layers/{name}/mean", data=np.asarray(mean, dtype=np.float64))
+
+    def write_histogram(self, name: str, counts: np.ndarray) -> None:
+        """(C, BINS) int64 score histograms, with the bin layout's parameters; compressed (most bins are empty)."""
+        from actindex.kernels import histogram
+
+        rows = max(1, min(counts.shape[0], (1 << 20) // (8 * counts.shape[1])))  # chunks of about 1 MB
+        dataset = self.h5.create_dataset(f"layers/{name}/hist", data=np.asarray(counts, dtype=np.int64),
+                                         chunks=(rows, counts.shape[1]), compression="gzip", compression_opts=1,
+                                         shuffle=True)
+        dataset.attrs.update(min_exponent=histogram.MIN_EXPONENT, max_exponent=histogram.MAX_EXPONENT,
+                             sub_bins=histogram.SUB_BINS)
 
     def write_layer(self, hits: LayerHits) -> None:
         group = self.h5.create_group(f"layers/{hits.name}")
@@ -314,6 +349,21 @@ class IndexReader:
         """(C,) each unit's mean score over the readable images; None for indexes that do not record it."""
         key = f"layers/{name}/mean"
         return self.h5[key][()] if key in self.h5 else None
+
+    def distribution(self, name: str, unit: int) -> UnitDistribution | None:
+        """Unit `unit`'s score distribution over the readable images; None for indexes from before it."""
+        key = f"layers/{name}/hist"
+        if key not in self.h5:
+            return None
+        from actindex.kernels import histogram
+
+        dataset = self.h5[key]
+        layout = (int(dataset.attrs["min_exponent"]), int(dataset.attrs["max_exponent"]),
+                  int(dataset.attrs["sub_bins"]))
+        if layout != (histogram.MIN_EXPONENT, histogram.MAX_EXPONENT, histogram.SUB_BINS):
+            raise UserError(f"'{self.path}' stores score histograms with bins {layout}, which this version of "
+                            "actindex does not read; upgrade actindex")
+        return UnitDistribution.from_counts(dataset[unit:unit + 1])
 
     def embeddings(self, name: str) -> h5py.Dataset:
         """The (N, D) dataset itself, so callers can read it in blocks."""

@@ -1,6 +1,7 @@
 """actindex.kernels: the pure tensor primitives the indexer and the queries share, with no I/O.
 
-Running top-k with exact merges (`RunningTopK`), order-independent exact sums (`ExactSum`), spatial max and
+Running top-k with exact merges (`RunningTopK`), order-independent exact sums (`ExactSum`), exact per-unit
+score histograms with quantiles (`UnitHistogram`), spatial max and
 mean, receptive-field geometry of any model (`trace_geometry`), guided backprop that sees every ReLU
 (`GuidedBackprop`), Gaussian blur, nearest units by top-k overlap, a frozen-model context, and `UserError`,
 the error every layer raises for bad input.
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from .exact_sum import ExactSum as ExactSum
     from .freeze import frozen as frozen
     from .guided import GuidedBackprop as GuidedBackprop
+    from .histogram import UnitHistogram as UnitHistogram
     from .overlap import nearest_by_overlap as nearest_by_overlap
     from .receptive_field import LayerGeometry as LayerGeometry
     from .receptive_field import trace_geometry as trace_geometry
@@ -23,7 +25,8 @@ if TYPE_CHECKING:
     from .topk import TopKResult as TopKResult
 
 _NAMES = {"gaussian_blur": "blur", "UserError": "errors", "ExactSum": "exact_sum", "frozen": "freeze",
-          "GuidedBackprop": "guided", "nearest_by_overlap": "overlap", "LayerGeometry": "receptive_field",
-          "trace_geometry": "receptive_field", "RunningTopK": "topk", "TopKResult": "topk"}
+          "GuidedBackprop": "guided", "UnitHistogram": "histogram", "nearest_by_overlap": "overlap",
+          "LayerGeometry": "receptive_field", "trace_geometry": "receptive_field", "RunningTopK": "topk",
+          "TopKResult": "topk"}
 __all__ = sorted(_NAMES)
 __getattr__ = exports(__name__, _NAMES)

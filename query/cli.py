@@ -77,6 +77,10 @@ def neuron(index: Path, layer: str, unit: int, k: int | None, out: Path | None, 
                               indent=2))
         return
     click.echo(f"{layer} unit {unit}: {len(result.hits)} hits, each activation reproduced from the image")
+    if result.distribution is not None:
+        d = result.distribution
+        levels = ", ".join(f"p{100 * q:g} {v:.4g}" for q, v in d.quantiles.items())
+        click.echo(f"  over all {d.count} images: fires (> 0) on {100 * d.firing_rate:.1f} %; {levels}")
     for hit in result.hits:
         click.echo(f"  #{hit.rank + 1} {hit.score:9.4g}  {hit.path}  box {list(hit.box)} "
                    f"(original pixels {list(hit.box_original)})")

@@ -21,6 +21,7 @@ from torch import nn
 from actindex.indexer.atomic import atomic_path
 from actindex.indexer.choices import Precision
 from actindex.indexer.images import Normalize
+from actindex.indexer.index_file import UnitDistribution
 from actindex.indexer.taps import layer_value
 from actindex.kernels.errors import UserError
 from actindex.kernels.freeze import frozen
@@ -106,6 +107,7 @@ class NeuronResult:
     gradient: np.ndarray  # (n, 3, S, S) float32
     guided: np.ndarray  # (n, 3, S, S) float32
     unguided: dict[str, int] = field(default_factory=dict)
+    distribution: UnitDistribution | None = None  # over the whole dataset; None for indexes from before it
 
     def to_json(self) -> dict[str, object]:
         return {"index": str(self.index), "layer": self.layer, "unit": self.unit, "channels": self.channels,
@@ -114,7 +116,10 @@ class NeuronResult:
                           "recomputed": h.recomputed, "position": [h.y, h.x], "box": list(h.box),
                           "box_original": list(h.box_original), "image_size": list(h.image_size)}
                          for h in self.hits],
-                "unguided_activations": self.unguided}
+                "unguided_activations": self.unguided,
+                "distribution": None if self.distribution is None else {
+                    "images": self.distribution.count, "firing_rate": self.distribution.firing_rate,
+                    "quantiles": {f"p{100 * q:g}": v for q, v in self.distribution.quantiles.items()}}}
 
 
 def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data: Path | None = None,
@@ -160,7 +165,8 @@ def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None) -> Neu
                         float(result.values[rank]), int(hits.y[unit][rank]), int(hits.x[unit][rank]),
                         box, geometry.to_original(box), (geometry.height, geometry.width)))  # type: ignore[arg-type]
     return NeuronResult(opened.path, layer, unit, hits.channels, input_size, hits.rf_size, rows, images,
-                        result.gradient.cpu().numpy(), result.guided.cpu().numpy(), result.unguided)
+                        result.gradient.cpu().numpy(), result.guided.cpu().numpy(), result.unguided,
+                        opened.reader.distribution(layer, unit))
 
 
 def check_reproduced(layer: str, unit: int, paths: list[str], recorded: np.ndarray, now: np.ndarray,

@@ -7,6 +7,7 @@
 #   - the atlas of every unit of the demo index on the GPU with 8 worker processes, against a few units on the
 #     CPU in the same run (seconds per unit);
 #   - scripts/bench_query.py and scripts/bench_dream.py with --device cuda;
+#   - scripts/bench_index.py: the indexing step against the bare forward pass, with the score histograms (issue 15);
 #   - decoders and precisions (issue 14): a --decoder gpu --precision bf16 build queried on CUDA and on the CPU,
 #     crashed and resumed under torchrun against one uninterrupted process, and scripts/bench_decode.py's fidelity and end-to-end modes
 #     (bare forward vs today's build vs the GPU-decode build, resnet18/resnet50/demo at fp32 and bf16).
@@ -66,6 +67,9 @@ seconds $ACTINDEX atlas "$work/demo/index.h5" --out "$work/atlas-cuda" --device 
 seconds $ACTINDEX atlas "$work/demo/index.h5" --out "$work/atlas-cuda1" --device cuda --jobs 1 --batch-size 64 \
     | tail -2
 
+step "bench_index cuda (b/a with the score histograms; it was 0.940 on an H100 before them)"
+$PYTHON scripts/bench_index.py --device cuda --batch-size 256 --batches 32 --rounds 5 --memory-images 2048 --jpegs 0 \
+    | tail -12
 step "bench_query cuda"
 $PYTHON scripts/bench_query.py --device cuda --rounds 5 | tail -8
 step "bench_dream cuda"

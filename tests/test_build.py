@@ -120,6 +120,27 @@ def test_each_units_mean_is_the_exact_mean_of_its_scores_over_readable_images(da
             np.testing.assert_allclose(recorded, scores.astype(np.float64).mean(axis=0), rtol=1e-5, atol=1e-6)
 
 
+def test_each_units_histogram_quantiles_and_firing_rate_follow_its_brute_force_scores(data: Path, weights: Path,
+                                                                                      index: Path) -> None:
+    from actindex.kernels.histogram import BINS, bin_index
+
+    _, maps = brute_force(data, weights)
+    with IndexReader(index) as reader, h5py.File(index) as f:
+        for name in LAYERS:
+            scores = np.stack([m.reshape(m.shape[0], -1).max(axis=1) for m in maps[name] if m is not None])  # (n, C)
+            counts = f[f"layers/{name}/hist"][()]  # (C, BINS)
+            expected = np.stack([np.bincount(bin_index(torch.from_numpy(scores[:, c])).numpy(), minlength=BINS)
+                                 for c in range(scores.shape[1])])
+            assert np.array_equal(counts, expected), name
+            for unit in range(scores.shape[1]):
+                d = reader.distribution(name, unit)
+                assert d is not None and d.count == scores.shape[0]
+                assert d.firing_rate == (scores[:, unit] > 0).mean()
+                for q, value in d.quantiles.items():
+                    exact = np.quantile(scores[:, unit], q, method="inverted_cdf")
+                    assert value == pytest.approx(exact, rel=1 / 128, abs=2.0**-20), (name, unit, q)
+
+
 def test_in_place_relu_after_a_hooked_layer_changes_nothing(data: Path, weights: Path, index: Path) -> None:
     _, maps = brute_force(data, weights)
     stem_scores = np.stack([m.reshape(m.shape[0], -1).max(axis=1) for m in maps["stem"] if m is not None])
