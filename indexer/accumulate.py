@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from actindex.kernels.class_sums import ClassSums
 from actindex.kernels.exact_sum import ExactSum
 from actindex.kernels.histogram import UnitHistogram
 from actindex.kernels.spatial import spatial_max, spatial_mean
@@ -30,7 +31,8 @@ class IndexAccumulator:
 
     def __init__(self, model: nn.Module, channels: dict[str, int], k: int, mean: Sequence[float],
                  std: Sequence[float], embed_layer: str | None, device: torch.device,
-                 numerics: Numerics = EXACT) -> None:
+                 numerics: Numerics = EXACT, labels: torch.Tensor | None = None, classes: int = 0) -> None:
+        """`labels` (N,) int64: each image id's class in [0, classes), for per-class means (None: no classes)."""
         self.model = numerics.prepare(model)
         self.numerics = numerics
         self.layers = list(channels)
@@ -39,6 +41,9 @@ class IndexAccumulator:
         self.topk = {name: RunningTopK(c, k, device) for name, c in channels.items()}
         self.sums = {name: ExactSum(c, device) for name, c in channels.items()}
         self.distributions = {name: UnitHistogram(c, device) for name, c in channels.items()}
+        self.labels = labels.to(device) if labels is not None and classes > 0 else None
+        self.by_class = {name: ClassSums(classes, c, device) for name, c in channels.items()} \
+            if self.labels is not None else {}
         self.normalize = Normalize(mean, std, device)
         self._ids = torch.empty(0, dtype=torch.int64, device=device)
         self._embedding: torch.Tensor | None = None
@@ -50,6 +55,8 @@ class IndexAccumulator:
             self.topk[name].add(values, self._ids, positions)
             self.sums[name].add(values)
             self.distributions[name].add(values)
+            if self.labels is not None:
+                self.by_class[name].add(values, self.labels[self._ids])
         if name == self.embed_layer:
             self._embedding = spatial_mean(output)  # (B, D) float32
 
@@ -83,6 +90,10 @@ class IndexAccumulator:
             histogram = UnitHistogram(topk.channels, topk.device)
             histogram.load_state_dict({"counts": state[f"{name}/hist_counts"]})
             self.distributions[name].merge(histogram)
+            if name in self.by_class:
+                other_classes = ClassSums(self.by_class[name].classes, topk.channels, topk.device)
+                other_classes.load_state_dict({key: state[f"{name}/class_{key}"] for key in ("sums", "bad", "counts")})
+                self.by_class[name].merge(other_classes)
 
     def results(self) -> dict[str, TopKResult]:
         return {name: topk.result() for name, topk in self.topk.items()}
@@ -92,6 +103,10 @@ class IndexAccumulator:
         return {name: total.result() / images if images else torch.full((total.channels,), float("nan"),
                                                                            dtype=torch.float64)
                 for name, total in self.sums.items()}
+
+    def class_means(self) -> dict[str, torch.Tensor]:
+        """(K, C) float64 mean score per class and unit, per layer; {} without classes."""
+        return {name: sums.means() for name, sums in self.by_class.items()}
 
     def histograms(self) -> dict[str, torch.Tensor]:
         """(C, BINS) int64 counts per layer, on the CPU (kernels.histogram has the bins)."""
@@ -105,6 +120,8 @@ class IndexAccumulator:
                       for key, tensor in total.state_dict().items()})
         state.update({f"{name}/hist_{key}": tensor for name, histogram in self.distributions.items()
                       for key, tensor in histogram.state_dict().items()})
+        state.update({f"{name}/class_{key}": tensor for name, sums in self.by_class.items()
+                      for key, tensor in sums.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -112,3 +129,6 @@ class IndexAccumulator:
             topk.load_state_dict({key: state[f"{name}/{key}"] for key in ("values", "ids", "positions")})
             self.sums[name].load_state_dict({key: state[f"{name}/sum_{key}"] for key in ("buckets", "nonfinite")})
             self.distributions[name].load_state_dict({"counts": state[f"{name}/hist_counts"]})
+            if name in self.by_class:
+                self.by_class[name].load_state_dict({key: state[f"{name}/class_{key}"]
+                                                     for key in ("sums", "bad", "counts")})

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from actindex.kernels.errors import UserError
 
 from .accumulate import IndexAccumulator
@@ -116,7 +118,8 @@ class _Build:
         state = (load_state(self.folder, job.rank, self.key) if config.resume else None) or \
             RankState(job.rank, start, end, {})
         accumulator = IndexAccumulator(plan.loaded.module, {n: g.channels for n, g in plan.geometry.items()},
-                                       config.k, plan.mean, plan.std, plan.embed_layer, plan.device, plan.numerics)
+                                       config.k, plan.mean, plan.std, plan.embed_layer, plan.device, plan.numerics,
+                                       torch.tensor(plan.images.labels, dtype=torch.int64), len(plan.images.classes))
         if state.topk:
             accumulator.load_state_dict(state.topk)
         rows = RowFile(rows_path(self.folder, job.rank), start, end, plan.embed_dim) if plan.embed_layer else None

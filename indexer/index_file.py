@@ -76,6 +76,22 @@ class UnitDistribution:
 
 
 @dataclass(frozen=True)
+class UnitClasses:
+    """A unit's preferred classes: per class, its mean score over that class's readable images (exact to 3e-8)."""
+
+    selectivity: float  # (μ_max − μ_rest) / (μ_max + μ_rest), Morcos et al. 2018; NaN where undefined
+    top: tuple[tuple[str, float, int], ...]  # (class name, mean score, images), best first
+
+
+def class_names(folders: Sequence[str], categories: Sequence[str]) -> list[str]:
+    """Display names of the class folders: the folder names, or the weights' category names when the folders are
+    ImageNet's 1 000 synset ids (n01440764 …), whose sorted order is the order of ImageNet's class indices."""
+    synsets = len(folders) == len(categories) == 1000 and all(
+        len(f) == 9 and f[0] == "n" and f[1:].isdigit() for f in folders)
+    return [f"{c} ({f})" for f, c in zip(folders, categories, strict=True)] if synsets else list(folders)
+
+
+@dataclass(frozen=True)
 class FaissRecord:
     """What an index records about the FAISS file beside it (the `faiss_*` attributes)."""
 
@@ -217,6 +233,10 @@ class IndexWriter:
                                          shuffle=True)
         dataset.attrs.update(min_exponent=histogram.MIN_EXPONENT, max_exponent=histogram.MAX_EXPONENT,
                              sub_bins=histogram.SUB_BINS)
+
+    def write_class_means(self, name: str, means: np.ndarray) -> None:
+        """(K, C) float64 mean score of each unit over the images of each class of /images."""
+        self.h5.create_dataset(f"layers/{name}/class_mean", data=np.asarray(means, dtype=np.float64))
 
     def write_layer(self, hits: LayerHits) -> None:
         group = self.h5.create_group(f"layers/{hits.name}")
@@ -364,6 +384,23 @@ class IndexReader:
             raise UserError(f"'{self.path}' stores score histograms with bins {layout}, which this version of "
                             "actindex does not read; upgrade actindex")
         return UnitDistribution.from_counts(dataset[unit:unit + 1])
+
+    def unit_classes(self, name: str, unit: int, top: int = 5) -> UnitClasses | None:
+        """Which classes unit `unit` fires for: its `top` classes by mean score and its selectivity; None for
+        indexes without classes (or from before the class means)."""
+        key = f"layers/{name}/class_mean"
+        if key not in self.h5:
+            return None
+        import torch
+
+        from actindex.kernels.class_sums import selectivity
+
+        means = self.h5[key][:, unit]  # (K,)
+        names = class_names(self.classes(), self.info.categories)
+        images = np.bincount(self.image_labels()[self.image_labels() >= 0], minlength=len(names))
+        order = [int(i) for i in np.argsort(-np.nan_to_num(means, nan=-np.inf), kind="stable")[:top]]
+        index = float(selectivity(torch.from_numpy(means).unsqueeze(1))[0])
+        return UnitClasses(index, tuple((names[i], float(means[i]), int(images[i])) for i in order))
 
     def embeddings(self, name: str) -> h5py.Dataset:
         """The (N, D) dataset itself, so callers can read it in blocks."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from actindex.kernels.class_sums import FRACTION_BITS
 from actindex.kernels.errors import UserError, not_found
 from actindex.kernels.histogram import BINS
 from actindex.kernels.receptive_field import LayerGeometry, trace_geometry
@@ -163,6 +164,7 @@ def fingerprint(plan: BuildPlan, world_size: int) -> dict[str, object]:
             "std": list(plan.std), "embed_layer": plan.embed_layer, "embed_dim": plan.embed_dim,
             "max_pixels": config.max_pixels, "batch_size": config.batch_size, "world_size": world_size,
             "device_type": plan.device.type, "images_count": len(plan.images.paths),
-            "decoder": config.decoder.value, "precision": config.precision.value, "histogram_bins": BINS,
+            "decoder": config.decoder.value, "precision": config.precision.value,
+            "statistics": f"histogram {BINS} bins, class sums 2^-{FRACTION_BITS}",
             "memory_format": plan.numerics.memory_format,
             "images": image_list_hash(plan.images.paths)}

@@ -45,11 +45,13 @@ def write_index(plan: BuildPlan, accumulator: IndexAccumulator, skipped: list[tu
             writer = IndexWriter(h5)
             writer.write_images(plan.images.paths, plan.images.labels, plan.images.classes)
             means = accumulator.means(len(plan.images.paths) - len(skipped))
-            histograms = accumulator.histograms()
+            histograms, class_means = accumulator.histograms(), accumulator.class_means()
             for name, result in accumulator.results().items():
                 writer.write_layer(layer_hits(plan.geometry[name], result, config.input_size))
                 writer.write_mean(name, means[name].numpy())
                 writer.write_histogram(name, histograms[name].numpy())
+                if name in class_means:
+                    writer.write_class_means(name, class_means[name].numpy())
             writer.write_skipped([(plan.images.paths[i], reason) for i, reason in skipped])
             attrs = _attrs(plan, world_size, len(skipped), seconds)
             if plan.embed_layer is not None:

@@ -81,6 +81,9 @@ def neuron(index: Path, layer: str, unit: int, k: int | None, out: Path | None, 
         d = result.distribution
         levels = ", ".join(f"p{100 * q:g} {v:.4g}" for q, v in d.quantiles.items())
         click.echo(f"  over all {d.count} images: fires (> 0) on {100 * d.firing_rate:.1f} %; {levels}")
+    if result.classes is not None:
+        top = ", ".join(f"{name} {mean:.4g}" for name, mean, _ in result.classes.top)
+        click.echo(f"  mean score by class: {top}; class selectivity {result.classes.selectivity:.2f}")
     for hit in result.hits:
         click.echo(f"  #{hit.rank + 1} {hit.score:9.4g}  {hit.path}  box {list(hit.box)} "
                    f"(original pixels {list(hit.box_original)})")

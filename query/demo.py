@@ -12,11 +12,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from actindex.indexer.atomic import atomic_path
 from actindex.kernels.errors import UserError
+
+if TYPE_CHECKING:
+    from actindex.indexer.index_file import IndexReader
 
 MODEL = "timm:efficientnet_lite0"
 # The network's default stages ('actindex layers --model timm:efficientnet_lite0'), plus the class logits:
@@ -222,6 +226,9 @@ def tour(index: Path, echo: Echo = print) -> None:
             hits = [f"{paths[i]} ({v:.1f})" for i, v in zip(logits.image[unit][:3], logits.value[unit][:3],
                                                             strict=True) if i >= 0]
             echo(f"  class {unit} {categories[unit]!r}: {', '.join(hits)}")
+        echo("\nWhich photos (the folders are the classes) they prefer, over all images, and how selectively:")
+        for unit in (285, 967):
+            echo(f"  class {unit} {categories[unit]!r}: {_profile(reader, LOGIT_LAYER, unit)}")
         for name in reader.layer_names:
             if name == LOGIT_LAYER:
                 continue
@@ -233,10 +240,25 @@ def tour(index: Path, echo: Echo = print) -> None:
                 y0, x0, y1, x1 = (int(v) for v in layer.box[unit][0])
                 echo(f"  unit {unit}: {count}/{layer.image.shape[1]} from '{photo}'; best {paths[best]} "
                      f"({layer.value[unit][0]:.2f}) in patch y {y0}:{y1}, x {x0}:{x1}")
+                echo(f"    {_profile(reader, name, unit)}")
         skipped = reader.skipped()
     for path, reason in skipped:
         echo(f"\nSkipped {path}: {reason}")
     echo(f"\nIndex: {index}\nNext: actindex info {index}")
+
+
+def _profile(reader: IndexReader, layer: str, unit: int) -> str:
+    """'mean score by folder: coffee 10.2, …; class selectivity 0.71; fires on 43 % of images, p99 9.1'."""
+    classes, distribution = reader.unit_classes(layer, unit, top=3), reader.distribution(layer, unit)
+    parts = []
+    if classes is not None:
+        top = ", ".join(f"{name} {mean:.1f}" for name, mean, _ in classes.top)
+        index = "n/a (negative means)" if np.isnan(classes.selectivity) else f"{classes.selectivity:.2f}"
+        parts.append(f"mean score by folder: {top}; class selectivity {index}")
+    if distribution is not None:
+        parts.append(f"fires on {100 * distribution.firing_rate:.0f} % of images, p99 "
+                     f"{distribution.quantiles[0.99]:.1f}")
+    return "; ".join(parts)
 
 
 def _pure_units(image_ids: np.ndarray, paths: list[str]) -> list[tuple[int, str, int]]:

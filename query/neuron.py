@@ -21,7 +21,7 @@ from torch import nn
 from actindex.indexer.atomic import atomic_path
 from actindex.indexer.choices import Precision
 from actindex.indexer.images import Normalize
-from actindex.indexer.index_file import UnitDistribution
+from actindex.indexer.index_file import UnitClasses, UnitDistribution
 from actindex.indexer.taps import layer_value
 from actindex.kernels.errors import UserError
 from actindex.kernels.freeze import frozen
@@ -108,6 +108,7 @@ class NeuronResult:
     guided: np.ndarray  # (n, 3, S, S) float32
     unguided: dict[str, int] = field(default_factory=dict)
     distribution: UnitDistribution | None = None  # over the whole dataset; None for indexes from before it
+    classes: UnitClasses | None = None  # per-class means; None without class folders
 
     def to_json(self) -> dict[str, object]:
         return {"index": str(self.index), "layer": self.layer, "unit": self.unit, "channels": self.channels,
@@ -119,7 +120,10 @@ class NeuronResult:
                 "unguided_activations": self.unguided,
                 "distribution": None if self.distribution is None else {
                     "images": self.distribution.count, "firing_rate": self.distribution.firing_rate,
-                    "quantiles": {f"p{100 * q:g}": v for q, v in self.distribution.quantiles.items()}}}
+                    "quantiles": {f"p{100 * q:g}": v for q, v in self.distribution.quantiles.items()}},
+                "classes": None if self.classes is None else {
+                    "selectivity": self.classes.selectivity,
+                    "top": [{"class": name, "mean": mean, "images": n} for name, mean, n in self.classes.top]}}
 
 
 def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data: Path | None = None,
@@ -166,7 +170,7 @@ def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None) -> Neu
                         box, geometry.to_original(box), (geometry.height, geometry.width)))  # type: ignore[arg-type]
     return NeuronResult(opened.path, layer, unit, hits.channels, input_size, hits.rf_size, rows, images,
                         result.gradient.cpu().numpy(), result.guided.cpu().numpy(), result.unguided,
-                        opened.reader.distribution(layer, unit))
+                        opened.reader.distribution(layer, unit), opened.reader.unit_classes(layer, unit))
 
 
 def check_reproduced(layer: str, unit: int, paths: list[str], recorded: np.ndarray, now: np.ndarray,

@@ -4,6 +4,7 @@ exact under any batching and merge, and stored by a build and shown by `neuron`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import h5py
@@ -151,3 +152,78 @@ def test_neuron_shows_the_unit_s_distribution(built: tuple[Path, Path, Path], tm
     result = runner.invoke(cli, ["neuron", str(old), "--layer", "down", "--unit", "1", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["distribution"] is None
+
+
+# -------------------------------------------------------------------------------------------- class means
+
+
+def test_class_sums_are_exact_under_any_batching_and_within_2_to_the_minus_25_of_the_means() -> None:
+    from actindex.kernels.class_sums import ClassSums
+
+    rng = np.random.default_rng(7)
+    values = rng.lognormal(0, 2, (500, 4)).astype(np.float32) * rng.choice([-1, 1], (500, 4))  # (N, C)
+    labels = rng.integers(0, 5, 500)
+    labels[labels == 3] = 2  # class 3 has no images
+    whole = ClassSums(5, 4)
+    whole.add(torch.from_numpy(values), torch.from_numpy(labels))
+    merged = ClassSums(5, 4)
+    for chunk in np.array_split(np.arange(500), [3, 200, 201]):
+        part = ClassSums(5, 4)
+        for batch in np.array_split(chunk, 7):
+            part.add(torch.from_numpy(values[batch]), torch.from_numpy(labels[batch]))
+        merged.merge(part)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), merged.state_dict().values(),
+                                                 strict=True))
+    means = whole.means().numpy()
+    for k in range(5):
+        rows = values[labels == k].astype(np.float64)
+        if len(rows) == 0:
+            assert np.isnan(means[k]).all()
+        else:
+            assert np.abs(means[k] - rows.mean(axis=0)).max() <= 2.0**-25 + 1e-12 * np.abs(rows).max()
+
+
+def test_selectivity_follows_morcos_formula() -> None:
+    from actindex.kernels.class_sums import selectivity
+
+    means = torch.tensor([[4.0, 1.0, 0.0, 5.0], [1.0, 1.0, 0.0, -1.0], [1.0, 1.0, float("nan"), 1.0]],
+                         dtype=torch.float64)  # (K, C)
+    index = selectivity(means)
+    assert index[0] == pytest.approx((4 - 1) / (4 + 1)) and index[1] == 0.0
+    assert torch.isnan(index[2]) and torch.isnan(index[3])  # all zero; a negative class mean
+
+
+def test_class_means_of_a_build_equal_per_class_brute_force_and_neuron_shows_them(
+        built: tuple[Path, Path, Path]) -> None:
+    from actindex.indexer.images import Normalize, load_rgb, preprocess
+    from actindex.indexer.models import load_model
+    from actindex.indexer.taps import tapped
+    from actindex.kernels.spatial import spatial_max
+
+    index, data, weights = built
+    with IndexReader(index) as reader, h5py.File(index) as f:
+        paths, labels, skipped = reader.image_paths(), reader.image_labels(), {p for p, _ in reader.skipped()}
+        info = reader.info
+        loaded = load_model(info.model, str(weights))
+        normalize = Normalize(info.mean, info.std, "cpu")
+        found: dict[str, list[torch.Tensor]] = {name: [] for name in LAYERS}
+        readable = [i for i, p in enumerate(paths) if p not in skipped]
+        for i in readable:  # one image at a time: the brute force shares no batch with the build
+            x = normalize(preprocess(load_rgb(data / paths[i]), info.input_size).unsqueeze(0))
+            with torch.inference_mode(), tapped(loaded.module, list(LAYERS),
+                                                lambda n, o: found[n].append(spatial_max(o)[0][0])):
+                loaded.module(x)
+        for name in LAYERS:
+            scores = torch.stack(found[name]).numpy().astype(np.float64)  # (n, C)
+            stored = f[f"layers/{name}/class_mean"][()]  # (K, C)
+            for k in range(len(reader.classes())):
+                rows = scores[labels[readable] == k]
+                np.testing.assert_allclose(stored[k], rows.mean(axis=0), rtol=1e-5, atol=1e-6, err_msg=name)
+    with h5py.File(index) as f:
+        stored = f["layers/down/class_mean"][()]
+    result = CliRunner().invoke(cli, ["neuron", str(index), "--layer", "down", "--unit", "0", "--json"])
+    shown = json.loads(result.output)["classes"]
+    best = int(np.nanargmax(stored[:, 0]))
+    assert shown["top"][0]["class"] == f"class{best}" and shown["top"][0]["mean"] == stored[best, 0]
+    assert 0 <= shown["selectivity"] <= 1 or (math.isnan(shown["selectivity"]) and (stored[:, 0] < 0).any())
+
