@@ -3,8 +3,8 @@
 `IndexAccumulator.add_batch` runs the network on a batch whose image ids are known, taps the chosen layers
 while the forward runs, and folds each layer's per-image channel maxima into a `RunningTopK`, an `ExactSum` (for
 each unit's dataset mean) and a `UnitHistogram` (its score distribution: firing rate, quantiles) on the model's
-device. It knows nothing about where batches come
-from (a folder, a rank's shard, a benchmark's tensors).
+device, and, on request, its channel minima into a second `RunningTopK` (the lowest responses). It knows nothing
+about where batches come from (a folder, a rank's shard, a benchmark's tensors).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from actindex.kernels.class_sums import ClassSums
 from actindex.kernels.exact_sum import ExactSum
 from actindex.kernels.histogram import UnitHistogram
-from actindex.kernels.spatial import spatial_max, spatial_mean
+from actindex.kernels.spatial import spatial_max, spatial_mean, spatial_min
 from actindex.kernels.topk import RunningTopK, TopKResult
 
 from .images import Normalize
@@ -27,18 +27,24 @@ from .taps import tapped
 
 class IndexAccumulator:
     """Per-layer running top-k, exact sums and histograms over images; state is O(layers × C × (k + 277 + 5126))
-    whatever the number of images (41 KB a unit, most of it the histogram)."""
+    whatever the number of images (41 KB a unit, most of it the histogram); `bottom_k` = k' > 0 adds k' entries a
+    unit, as many bytes as a top-k of k'."""
 
     def __init__(self, model: nn.Module, channels: dict[str, int], k: int, mean: Sequence[float],
                  std: Sequence[float], embed_layer: str | None, device: torch.device,
-                 numerics: Numerics = EXACT, labels: torch.Tensor | None = None, classes: int = 0) -> None:
-        """`labels` (N,) int64: each image id's class in [0, classes), for per-class means (None: no classes)."""
+                 numerics: Numerics = EXACT, labels: torch.Tensor | None = None, classes: int = 0,
+                 bottom_k: int = 0) -> None:
+        """`labels` (N,) int64: each image id's class in [0, classes), for per-class means (None: no classes).
+        `bottom_k` > 0 also keeps each unit's `bottom_k` images with the lowest minimum over positions."""
         self.model = numerics.prepare(model)
         self.numerics = numerics
         self.layers = list(channels)
         self.embed_layer = embed_layer
         self.device = device
         self.topk = {name: RunningTopK(c, k, device) for name, c in channels.items()}
+        # The lowest minima are the highest negated minima: the top-k's exact merge and tie-break (equal values
+        # to the lower id, -0.0 equal to +0.0) carry over, and negating back restores each value bit for bit.
+        self.bottom = {name: RunningTopK(c, bottom_k, device) for name, c in channels.items()} if bottom_k else {}
         self.sums = {name: ExactSum(c, device) for name, c in channels.items()}
         self.distributions = {name: UnitHistogram(c, device) for name, c in channels.items()}
         self.labels = labels.to(device) if labels is not None and classes > 0 else None
@@ -57,6 +63,9 @@ class IndexAccumulator:
             self.distributions[name].add(values)
             if self.labels is not None:
                 self.by_class[name].add(values, self.labels[self._ids])
+            if name in self.bottom:
+                lows, low_positions = spatial_min(output)  # (B, C), (B, C)
+                self.bottom[name].add(-lows, self._ids, low_positions)
         if name == self.embed_layer:
             self._embedding = spatial_mean(output)  # (B, D) float32
 
@@ -94,9 +103,24 @@ class IndexAccumulator:
                 other_classes = ClassSums(self.by_class[name].classes, topk.channels, topk.device)
                 other_classes.load_state_dict({key: state[f"{name}/class_{key}"] for key in ("sums", "bad", "counts")})
                 self.by_class[name].merge(other_classes)
+            if name in self.bottom:
+                other = RunningTopK(topk.channels, self.bottom[name].k, topk.device)
+                other.load_state_dict({key: state[f"{name}/bottom_{key}"] for key in ("values", "ids", "positions")})
+                self.bottom[name].merge(other)
 
     def results(self) -> dict[str, TopKResult]:
         return {name: topk.result() for name, topk in self.topk.items()}
+
+    def lowest(self) -> dict[str, TopKResult]:
+        """Per layer, each unit's `bottom_k` images with the lowest minimum over positions, ascending (ties to the
+        lower id); {} without `bottom_k`."""
+        out = {}
+        for name, negated in self.bottom.items():
+            result = negated.result()
+            # -(-x) is x bit for bit, -0.0 and NaN included; the empty slots' NaN is set again, sign bit clear.
+            values = (-result.values).masked_fill(result.ids < 0, float("nan"))
+            out[name] = TopKResult(values, result.ids, result.positions)
+        return out
 
     def means(self, images: int) -> dict[str, torch.Tensor]:
         """(C,) float64 mean score of each unit over `images` readable images (NaN with none)."""
@@ -122,6 +146,8 @@ class IndexAccumulator:
                       for key, tensor in histogram.state_dict().items()})
         state.update({f"{name}/class_{key}": tensor for name, sums in self.by_class.items()
                       for key, tensor in sums.state_dict().items()})
+        state.update({f"{name}/bottom_{key}": tensor for name, bottom in self.bottom.items()
+                      for key, tensor in bottom.state_dict().items()})  # negated minima
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -132,3 +158,6 @@ class IndexAccumulator:
             if name in self.by_class:
                 self.by_class[name].load_state_dict({key: state[f"{name}/class_{key}"]
                                                      for key in ("sums", "bad", "counts")})
+            if name in self.bottom:
+                self.bottom[name].load_state_dict({key: state[f"{name}/bottom_{key}"]
+                                                   for key in ("values", "ids", "positions")})

@@ -119,7 +119,8 @@ class _Build:
             RankState(job.rank, start, end, {})
         accumulator = IndexAccumulator(plan.loaded.module, {n: g.channels for n, g in plan.geometry.items()},
                                        config.k, plan.mean, plan.std, plan.embed_layer, plan.device, plan.numerics,
-                                       torch.tensor(plan.images.labels, dtype=torch.int64), len(plan.images.classes))
+                                       torch.tensor(plan.images.labels, dtype=torch.int64), len(plan.images.classes),
+                                       config.bottom_k)
         if state.topk:
             accumulator.load_state_dict(state.topk)
         rows = RowFile(rows_path(self.folder, job.rank), start, end, plan.embed_dim) if plan.embed_layer else None

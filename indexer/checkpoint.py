@@ -40,9 +40,9 @@ CHECKPOINT_VERSION = 2  # 2: the state holds exact sums for the units' means
 # How fingerprint keys are named in messages.
 _LABELS = {"world_size": "processes (world size)", "images": "image list", "images_count": "number of images",
            "weights": "weights", "weights_sha256": "weights file contents", "layers": "layers", "k": "k",
-           "input_size": "input size", "model": "model", "batch_size": "batch size", "mean": "mean",
-           "std": "std", "embed_layer": "embedding layer", "max_pixels": "max pixels", "device_type": "device type",
-           "embed_dim": "embedding size"}
+           "bottom_k": "bottom-k", "input_size": "input size", "model": "model", "batch_size": "batch size",
+           "mean": "mean", "std": "std", "embed_layer": "embedding layer", "max_pixels": "max pixels",
+           "device_type": "device type", "embed_dim": "embedding size"}
 
 
 def partial_dir(out: Path) -> Path:

@@ -84,6 +84,9 @@ def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--layers", callback=_names, help="Comma-separated layer names. Default: the model's main stages "
                                                  "(see 'actindex layers').")
 @click.option("--k", default=9, show_default=True, type=int, help="Images kept per unit.")
+@click.option("--bottom-k", default=0, show_default=True, type=int,
+              help="Also keep the N images with the lowest score (the unit's minimum over positions) per unit, to "
+                   "see what suppresses it; 0: off.")
 @click.option("--input-size", default=224, show_default=True, type=int,
               help="Network input size; images are resized to size·256/224 and centre-cropped.")
 @click.option("--mean", callback=_floats3, help="R,G,B mean. Default: the weights' own, else ImageNet's.")
@@ -110,11 +113,12 @@ def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
                    "stored as float32 whatever it is; the README says how much each changes.")
 @click.option("--crash-at", hidden=True, help="Testing: RANK:IMAGES[:raise|kill] injects a failure.")
 def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[str, ...] | None, k: int,
-          input_size: int, mean: tuple[float, float, float] | None, std: tuple[float, float, float] | None,
-          batch_size: int, workers: int | None, device: str | None, embed_layer: str | None,
-          max_pixels: int | None, overwrite: bool, checkpoint_every: int, resume: bool, faiss_factory: str | None,
-          decoder: str, precision: str, crash_at: str | None) -> None:
-    """Index the images under DATA: every unit's top-k images, positions and receptive-field boxes.
+          bottom_k: int, input_size: int, mean: tuple[float, float, float] | None,
+          std: tuple[float, float, float] | None, batch_size: int, workers: int | None, device: str | None,
+          embed_layer: str | None, max_pixels: int | None, overwrite: bool, checkpoint_every: int, resume: bool,
+          faiss_factory: str | None, decoder: str, precision: str, crash_at: str | None) -> None:
+    """Index the images under DATA: every unit's top-k images, positions and receptive-field boxes (and, with
+    --bottom-k, its lowest-scoring images).
 
     Under torchrun (python -m torch.distributed.run … -m actindex.indexer build …) every process indexes a
     contiguous share of the images and rank 0 writes the file.
@@ -123,10 +127,11 @@ def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[
     from .images import DEFAULT_MAX_PIXELS
 
     config = BuildConfig(data=data, model=model, out=out, weights=weights, layers=layers, k=k,
-                         input_size=input_size, mean=mean, std=std, batch_size=batch_size, workers=workers,
-                         device=device, embed_layer=embed_layer, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                         overwrite=overwrite, checkpoint_every=checkpoint_every, resume=resume,
-                         faiss_factory=faiss_factory, decoder=Decoder(decoder), precision=Precision(precision))
+                         bottom_k=bottom_k, input_size=input_size, mean=mean, std=std, batch_size=batch_size,
+                         workers=workers, device=device, embed_layer=embed_layer,
+                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, overwrite=overwrite,
+                         checkpoint_every=checkpoint_every, resume=resume, faiss_factory=faiss_factory,
+                         decoder=Decoder(decoder), precision=Precision(precision))
     summary = build_index(config, progress=TqdmProgress, fault=Fault.parse(crash_at) if crash_at else None)
     if summary.rank != 0:
         return
@@ -214,8 +219,9 @@ def info(index: Path, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"{summary['path']}: actindex format {summary['format_version']}")
+    bottom = f", bottom-k = {summary['bottom_k']}" if summary["bottom_k"] else ""
     click.echo(f"  model {summary['model']}, weights {summary['weights'] or '(random init)'}, "
-               f"input {summary['input_size']} px, k = {summary['k']}")
+               f"input {summary['input_size']} px, k = {summary['k']}{bottom}")
     click.echo(f"  data {summary['data_root']}: {summary['num_images']} images, {summary['num_skipped']} skipped")
     backend = summary["build"].get("jpeg_backend")
     click.echo(f"  decoder {summary['decoder']}{f' ({backend})' if backend else ''}, precision {summary['precision']}, "

@@ -8,6 +8,7 @@ target path that looks valid.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ _STR = h5py.string_dtype("utf-8")
 
 @dataclass(frozen=True)
 class LayerHits:
-    """One layer's top-k table, as stored."""
+    """One layer's top-k table (or its lowest-k table), as stored."""
 
     name: str
     channels: int
@@ -37,7 +38,7 @@ class LayerHits:
     rf_size: tuple[int, int]
     rf_stride: tuple[int, int]
     rf_padding: tuple[int, int]
-    value: np.ndarray  # (C, k) float32, descending per row, NaN in empty slots
+    value: np.ndarray  # (C, k) float32, descending per row (the lowest-k: ascending), NaN in empty slots
     image: np.ndarray  # (C, k) int64, -1 in empty slots
     y: np.ndarray  # (C, k) int32
     x: np.ndarray  # (C, k) int32
@@ -62,17 +63,49 @@ class UnitDistribution:
 
     QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """Every unit of a layer in a few numbers, for overviews and sorting: its distribution (NaN, and count -1,
+    for indexes from before histograms) and its class selectivity (NaN where undefined or without classes)."""
+
+    count: np.ndarray  # (C,) int64 readable images with a score (NaN scores left out)
+    firing_rate: np.ndarray  # (C,) fraction of them with score > 0
+    quantiles: np.ndarray  # (C, len(UnitDistribution.QUANTILES)) float64, capped at the unit's best score
+    selectivity: np.ndarray  # (C,) class-selectivity index
+
     @classmethod
-    def from_counts(cls, counts: np.ndarray) -> UnitDistribution:
-        """From one unit's (1, BINS) counts."""
+    def from_tables(cls, counts: np.ndarray | None, best: np.ndarray, class_means: np.ndarray | None,
+                    ) -> LayerProfile:
+        """From (C, BINS) histogram counts, each unit's (C,) best score (exact, from its top-k: a bin's value may
+        lie above every score in it) and its (K, C) class means."""
         import torch
 
         from actindex.kernels import histogram
+        from actindex.kernels.class_sums import selectivity
 
-        tensor = torch.as_tensor(np.asarray(counts, dtype=np.int64))
-        values = histogram.quantiles(tensor, list(cls.QUANTILES))[0].tolist()
-        return cls(int(tensor[0, :histogram.NAN].sum()), float(histogram.firing_rate(tensor)[0]),
-                   dict(zip(cls.QUANTILES, values, strict=True)))
+        channels = best.shape[0]
+        count, firing = np.full(channels, -1, dtype=np.int64), np.full(channels, np.nan)
+        levels = np.full((channels, len(UnitDistribution.QUANTILES)), np.nan)
+        if counts is not None:
+            tensor = torch.as_tensor(np.asarray(counts, dtype=np.int64))
+            count = tensor[:, :histogram.NAN].sum(1).numpy()
+            firing = histogram.firing_rate(tensor).numpy()
+            levels = np.fmin(histogram.quantiles(tensor, list(UnitDistribution.QUANTILES)).numpy(),
+                             best.astype(np.float64)[:, None])
+        index = np.full(channels, np.nan) if class_means is None else \
+            selectivity(torch.as_tensor(np.asarray(class_means, dtype=np.float64))).numpy()
+        return cls(count, firing, levels, index)
+
+    def distribution(self, unit: int) -> UnitDistribution | None:
+        if self.count[unit] < 0:
+            return None
+        return UnitDistribution(int(self.count[unit]), float(self.firing_rate[unit]),
+                                dict(zip(UnitDistribution.QUANTILES, self.quantiles[unit].tolist(), strict=True)))
+
+    @property
+    def p99(self) -> np.ndarray:
+        return self.quantiles[:, UnitDistribution.QUANTILES.index(0.99)]
 
 
 @dataclass(frozen=True)
@@ -149,6 +182,7 @@ class IndexInfo:
     decoder: Decoder = Decoder.PIL  # how its images were decoded; files from before the option: pil
     precision: Precision = Precision.FP32  # what the network computed in; files from before the option: fp32
     memory_format: str = "contiguous"  # "channels_last" or "contiguous" (informational: changes only rounding)
+    bottom_k: int = 0  # images kept per unit with the lowest scores (--bottom-k); 0: none, as in older files
 
     @property
     def faiss_path(self) -> Path | None:
@@ -178,7 +212,8 @@ class IndexInfo:
                    categories=tuple(json.loads(attrs.get("categories", "[]"))), build=build, faiss=faiss,
                    decoder=_known(Decoder, attrs.get("decoder", "pil"), path),
                    precision=_known(Precision, attrs.get("precision", "fp32"), path),
-                   memory_format=str(attrs.get("memory_format", "contiguous")))
+                   memory_format=str(attrs.get("memory_format", "contiguous")),
+                   bottom_k=int(attrs.get("bottom_k", 0)))
 
 
 def _known(kind: Any, value: Any, path: Path) -> Any:
@@ -238,10 +273,15 @@ class IndexWriter:
         """(K, C) float64 mean score of each unit over the images of each class of /images."""
         self.h5.create_dataset(f"layers/{name}/class_mean", data=np.asarray(means, dtype=np.float64))
 
-    def write_layer(self, hits: LayerHits) -> None:
-        group = self.h5.create_group(f"layers/{hits.name}")
-        group.attrs.update(channels=hits.channels, height=hits.height, width=hits.width,
-                           rf_size=hits.rf_size, rf_stride=hits.rf_stride, rf_padding=hits.rf_padding)
+    def write_layer(self, hits: LayerHits, lowest: bool = False) -> None:
+        """The layer's group, its attributes and its top-k table; with `lowest`, its lowest-k table in the
+        subgroup `bottom` (after the top-k's), in the same layout."""
+        if lowest:
+            group = self.h5.create_group(f"layers/{hits.name}/bottom")
+        else:
+            group = self.h5.create_group(f"layers/{hits.name}")
+            group.attrs.update(channels=hits.channels, height=hits.height, width=hits.width,
+                               rf_size=hits.rf_size, rf_stride=hits.rf_stride, rf_padding=hits.rf_padding)
         group.create_dataset("value", data=hits.value.astype(np.float32))
         group.create_dataset("image", data=hits.image.astype(np.int64))
         group.create_dataset("y", data=hits.y.astype(np.int32))
@@ -350,19 +390,25 @@ class IndexReader:
     def num_skipped(self) -> int:
         return int(self.h5["skipped/path"].shape[0])
 
-    def layer(self, name: str) -> LayerHits:
+    def layer(self, name: str, lowest: bool = False) -> LayerHits:
+        """Layer `name`'s top-k table; with `lowest`, its lowest-k table (ascending), which only indexes built with
+        --bottom-k have."""
         from actindex.kernels.errors import not_found
 
         if name not in self.layer_names:
             raise not_found("layer", name, self.layer_names, hint=f"these are the layers in '{self.path}'")
         group = self.h5[f"layers/{name}"]
+        if lowest and "bottom" not in group:
+            raise UserError(f"'{self.path}' keeps no lowest responses (it was built without --bottom-k); rebuild it "
+                            "with --bottom-k K to keep each unit's K lowest-scoring images")
+        table = group["bottom"] if lowest else group
         a = group.attrs
         return LayerHits(
             name=name, channels=int(a["channels"]), height=int(a["height"]), width=int(a["width"]),
             rf_size=_stored_yx(a["rf_size"]), rf_stride=_stored_yx(a["rf_stride"]),
             rf_padding=_stored_yx(a["rf_padding"]),
-            value=group["value"][()], image=group["image"][()], y=group["y"][()], x=group["x"][()],
-            box=group["box"][()],
+            value=table["value"][()], image=table["image"][()], y=table["y"][()], x=table["x"][()],
+            box=table["box"][()],
         )
 
     def layer_mean(self, name: str) -> np.ndarray | None:
@@ -370,8 +416,8 @@ class IndexReader:
         key = f"layers/{name}/mean"
         return self.h5[key][()] if key in self.h5 else None
 
-    def distribution(self, name: str, unit: int) -> UnitDistribution | None:
-        """Unit `unit`'s score distribution over the readable images; None for indexes from before it."""
+    def _histograms(self, name: str) -> h5py.Dataset | None:
+        """Layer `name`'s (C, BINS) score histograms; None for indexes from before them."""
         key = f"layers/{name}/hist"
         if key not in self.h5:
             return None
@@ -383,7 +429,30 @@ class IndexReader:
         if layout != (histogram.MIN_EXPONENT, histogram.MAX_EXPONENT, histogram.SUB_BINS):
             raise UserError(f"'{self.path}' stores score histograms with bins {layout}, which this version of "
                             "actindex does not read; upgrade actindex")
-        return UnitDistribution.from_counts(dataset[unit:unit + 1])
+        return dataset
+
+    def distribution(self, name: str, unit: int) -> UnitDistribution | None:
+        """Unit `unit`'s score distribution over the readable images; None for indexes from before it."""
+        histograms = self._histograms(name)
+        if histograms is None:
+            return None
+        best = self.h5[f"layers/{name}/value"][unit:unit + 1, 0]
+        return LayerProfile.from_tables(histograms[unit:unit + 1], best, None).distribution(0)
+
+    @functools.cached_property
+    def _class_names_and_sizes(self) -> tuple[list[str], np.ndarray]:
+        """The classes' display names and their images (read once: the labels of all images)."""
+        names = class_names(self.classes(), self.info.categories)
+        labels = self.image_labels()
+        return names, np.bincount(labels[labels >= 0], minlength=len(names))
+
+    def layer_profile(self, name: str) -> LayerProfile:
+        """Distribution and class selectivity of every unit of layer `name` (one read of its tables)."""
+        histograms = self._histograms(name)
+        key = f"layers/{name}/class_mean"
+        return LayerProfile.from_tables(None if histograms is None else histograms[()],
+                                        self.h5[f"layers/{name}/value"][:, 0],
+                                        self.h5[key][()] if key in self.h5 else None)
 
     def unit_classes(self, name: str, unit: int, top: int = 5) -> UnitClasses | None:
         """Which classes unit `unit` fires for: its `top` classes by mean score and its selectivity; None for
@@ -396,8 +465,7 @@ class IndexReader:
         from actindex.kernels.class_sums import selectivity
 
         means = self.h5[key][:, unit]  # (K,)
-        names = class_names(self.classes(), self.info.categories)
-        images = np.bincount(self.image_labels()[self.image_labels() >= 0], minlength=len(names))
+        names, images = self._class_names_and_sizes
         order = [int(i) for i in np.argsort(-np.nan_to_num(means, nan=-np.inf), kind="stable")[:top]]
         index = float(selectivity(torch.from_numpy(means).unsqueeze(1))[0])
         return UnitClasses(index, tuple((names[i], float(means[i]), int(images[i])) for i in order))
@@ -425,7 +493,7 @@ class IndexReader:
         summary: dict[str, Any] = {
             "format": FORMAT_NAME, "format_version": info.format_version, "model": info.model,
             "weights": info.weights, "input_size": info.input_size, "mean": list(info.mean), "std": list(info.std),
-            "k": info.k, "data_root": str(info.data_root), "num_images": info.num_images,
+            "k": info.k, "bottom_k": info.bottom_k, "data_root": str(info.data_root), "num_images": info.num_images,
             "num_skipped": info.num_skipped, "path": str(self.path), "layers": layers,
             "decoder": info.decoder.value, "precision": info.precision.value, "memory_format": info.memory_format,
             "embeddings": {name: list(self.h5[f"embeddings/{name}"].shape) for name in self.embedding_names},

@@ -39,6 +39,7 @@ class BuildConfig:
     weights: str | None = None
     layers: tuple[str, ...] | None = None  # None: the model's main stages
     k: int = 9
+    bottom_k: int = 0  # also keep each unit's bottom_k images with the lowest minimum over positions; 0: off
     input_size: int = 224
     mean: tuple[float, float, float] | None = None  # None: the weights' own, else ImageNet's
     std: tuple[float, float, float] | None = None
@@ -59,6 +60,8 @@ def validate(config: BuildConfig) -> None:
     """Checks that need no model or data, done before any work."""
     if config.k < 1:
         raise UserError(f"--k must be at least 1, got {config.k}")
+    if config.bottom_k < 0:
+        raise UserError(f"--bottom-k must be 0 (off) or more, got {config.bottom_k}")
     if config.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.input_size < 16:
@@ -160,8 +163,9 @@ def fingerprint(plan: BuildPlan, world_size: int) -> dict[str, object]:
     """What a checkpoint must agree on to be resumed: everything that changes the index or the shards."""
     config = plan.config
     return {"model": config.model, "weights": plan.loaded.weights, "weights_sha256": plan.loaded.weights_sha256,
-            "layers": list(plan.geometry), "k": config.k, "input_size": config.input_size, "mean": list(plan.mean),
-            "std": list(plan.std), "embed_layer": plan.embed_layer, "embed_dim": plan.embed_dim,
+            "layers": list(plan.geometry), "k": config.k, "bottom_k": config.bottom_k,
+            "input_size": config.input_size, "mean": list(plan.mean), "std": list(plan.std),
+            "embed_layer": plan.embed_layer, "embed_dim": plan.embed_dim,
             "max_pixels": config.max_pixels, "batch_size": config.batch_size, "world_size": world_size,
             "device_type": plan.device.type, "images_count": len(plan.images.paths),
             "decoder": config.decoder.value, "precision": config.precision.value,

@@ -1,7 +1,7 @@
-"""The index file a build leaves: the top-k tables with their receptive-field boxes, the units' means, the image
-list and skipped files, the embedding rows, and the FAISS file beside it (docs/FORMAT.md). Written whole or
-not at all; the FAISS file takes its place just before the HDF5 file does, so an index never names a missing
-FAISS file.
+"""The index file a build leaves: the top-k tables (and, on request, the lowest-k) with their receptive-field
+boxes, the units' means, the image list and skipped files, the embedding rows, and the FAISS file beside it
+(docs/FORMAT.md). Written whole or not at all; the FAISS file takes its place just before the HDF5 file does, so
+an index never names a missing FAISS file.
 """
 
 from __future__ import annotations
@@ -46,8 +46,11 @@ def write_index(plan: BuildPlan, accumulator: IndexAccumulator, skipped: list[tu
             writer.write_images(plan.images.paths, plan.images.labels, plan.images.classes)
             means = accumulator.means(len(plan.images.paths) - len(skipped))
             histograms, class_means = accumulator.histograms(), accumulator.class_means()
+            lowest = accumulator.lowest()
             for name, result in accumulator.results().items():
                 writer.write_layer(layer_hits(plan.geometry[name], result, config.input_size))
+                if name in lowest:
+                    writer.write_layer(layer_hits(plan.geometry[name], lowest[name], config.input_size), lowest=True)
                 writer.write_mean(name, means[name].numpy())
                 writer.write_histogram(name, histograms[name].numpy())
                 if name in class_means:
@@ -83,7 +86,7 @@ def copy_row_files(dataset: h5py.Dataset, files: list[tuple[Path, int, int]], di
 
 
 def layer_hits(geometry: LayerGeometry, result: TopKResult, input_size: int) -> LayerHits:
-    """A layer's top-k result with feature positions and receptive-field boxes, as stored."""
+    """A layer's top-k (or lowest-k) result with feature positions and receptive-field boxes, as stored."""
     assert geometry.field is not None
     y, x = unravel(result.positions.cpu(), geometry.width)  # (C, k) each
     box = boxes(geometry.field, y, x, (input_size, input_size))  # (C, k, 4)
@@ -112,8 +115,8 @@ def _attrs(plan: BuildPlan, world_size: int, skipped: int, seconds: float) -> di
     return {
         "model": config.model, "weights": plan.loaded.weights, "weights_sha256": plan.loaded.weights_sha256,
         "input_size": config.input_size, "mean": list(plan.mean), "std": list(plan.std), "k": config.k,
-        "data_root": str(Path(config.data).resolve()), "num_images": n, "num_skipped": skipped,
-        "layers": json.dumps(list(plan.geometry)), "embed_layer": plan.embed_layer or "",
+        "bottom_k": config.bottom_k, "data_root": str(Path(config.data).resolve()), "num_images": n,
+        "num_skipped": skipped, "layers": json.dumps(list(plan.geometry)), "embed_layer": plan.embed_layer or "",
         "categories": json.dumps(plan.loaded.categories), "config": json.dumps(record, sort_keys=True),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
         "images_per_second": n / seconds if seconds > 0 else 0.0, "device": plan.device.type,

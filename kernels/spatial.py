@@ -29,6 +29,17 @@ def spatial_max(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.float(), positions
 
 
+def spatial_min(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel, the minimum over positions and the first position (row-major) that holds it.
+
+    The mirror of `spatial_max` (what suppresses a unit): the minimum is taken in the network's dtype and only
+    the (B, C) float32 values are converted, so negating them later is exact whatever that dtype was.
+    """
+    # torch.min along a dim returns the index of the first minimal value.
+    values, positions = as_maps(features).min(dim=2)  # (B, C), (B, C)
+    return values.float(), positions
+
+
 def spatial_mean(features: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C) float32 mean over positions (the per-image activation vector)."""
     return as_maps(features).float().mean(dim=2)

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 from torchvision import transforms
 
 from actindex.indexer.build import BuildConfig, build_index
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
+from actindex.kernels.errors import UserError
 
 from helpers import LAYERS, SIZE, make_images, run_build
 from tiny_models import tiny_net
@@ -22,6 +24,7 @@ from tiny_models import tiny_net
 # (size, stride, padding) per axis, worked out by hand in TinyNet's docstring; head sees the whole input.
 FIELDS = {"stem": ((5, 2, 2), (5, 2, 2)), "block": ((25, 4, 12), (17, 4, 8)),
           "down": ((33, 8, 16), (25, 8, 12)), "head": ((SIZE, SIZE, 0), (SIZE, SIZE, 0))}
+BOTTOM_K = 3  # the shared index's --bottom-k
 
 
 @pytest.fixture(scope="module")
@@ -59,22 +62,24 @@ def brute_force(data: Path, weights: Path) -> tuple[list[str], dict[str, list[np
     return paths, maps
 
 
-def expected_hits(maps: list[np.ndarray], k: int) -> dict[str, np.ndarray]:
-    """Per channel: sort all readable images by (-score, id), take k; first row-major argmax as position."""
+def expected_hits(maps: list[np.ndarray], k: int, lowest: bool = False) -> dict[str, np.ndarray]:
+    """Per channel: sort all readable images by (-score, id), take k; first row-major argmax as position. With
+    `lowest`, by (minimum, id), with the first argmin."""
     ids = [i for i, m in enumerate(maps) if m is not None]
     stack = np.stack([maps[i] for i in ids])  # (n, C, H, W)
     n, c, h, w = stack.shape
     flat = stack.reshape(n, c, h * w)
-    scores = flat.max(axis=2)  # (n, C)
-    argmax = flat.argmax(axis=2)  # numpy also returns the first occurrence
+    scores = flat.min(axis=2) if lowest else flat.max(axis=2)  # (n, C)
+    where = flat.argmin(axis=2) if lowest else flat.argmax(axis=2)  # numpy also returns the first occurrence
+    sign = 1 if lowest else -1
     out = {"value": np.full((c, k), np.nan, np.float32), "image": np.full((c, k), -1),
            "y": np.full((c, k), -1), "x": np.full((c, k), -1)}
     for ch in range(c):
-        order = sorted(range(n), key=lambda j: (-scores[j, ch], ids[j]))[:k]
+        order = sorted(range(n), key=lambda j: (sign * scores[j, ch], ids[j]))[:k]
         out["value"][ch, :len(order)] = scores[order, ch]
         out["image"][ch, :len(order)] = [ids[j] for j in order]
-        out["y"][ch, :len(order)] = argmax[order, ch] // w
-        out["x"][ch, :len(order)] = argmax[order, ch] % w
+        out["y"][ch, :len(order)] = where[order, ch] // w
+        out["x"][ch, :len(order)] = where[order, ch] % w
     return out
 
 
@@ -86,17 +91,24 @@ def expected_box(y: int, x: int, field: tuple[tuple[int, int, int], tuple[int, i
 
 @pytest.fixture(scope="module")
 def index(data: Path, weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_build(data, weights, tmp_path_factory.mktemp("index") / "index.h5", batch_size=7, workers=2)
+    return run_build(data, weights, tmp_path_factory.mktemp("index") / "index.h5", batch_size=7, workers=2,
+                     bottom_k=BOTTOM_K)
 
 
-def test_every_value_id_position_and_box_equals_brute_force(data: Path, weights: Path, index: Path) -> None:
+@pytest.mark.parametrize("lowest", [False, True], ids=["top", "bottom"])
+def test_every_value_id_position_and_box_equals_brute_force(data: Path, weights: Path, index: Path,
+                                                            lowest: bool) -> None:
+    """The top-k table, and the lowest-k table of --bottom-k (every layer here goes negative: stem and down
+    before their ReLUs, block's residual sum, head's logits)."""
     paths, maps = brute_force(data, weights)
     with IndexReader(index) as reader:
         assert reader.image_paths() == paths
         assert reader.skipped() == [("class1/img_broken.jpg", reader.skipped()[0][1])]
         for name in LAYERS:
-            layer = reader.layer(name)
-            expected = expected_hits(maps[name], k=5)
+            layer = reader.layer(name, lowest=lowest)
+            expected = expected_hits(maps[name], k=BOTTOM_K if lowest else 5, lowest=lowest)
+            if lowest:
+                assert (layer.value[:, 0] < 0).any(), f"{name}: no negative minimum, nothing to test"
             assert np.array_equal(layer.image, expected["image"]), name
             np.testing.assert_allclose(layer.value, expected["value"], rtol=1e-5, atol=1e-5, err_msg=name)
             assert np.array_equal(layer.y, expected["y"]) and np.array_equal(layer.x, expected["x"]), name
@@ -106,6 +118,77 @@ def test_every_value_id_position_and_box_equals_brute_force(data: Path, weights:
             boxes = [[expected_box(y, x, field) for y, x in zip(ys, xs, strict=True)]
                      for ys, xs in zip(layer.y, layer.x, strict=True)]
             assert np.array_equal(layer.box, np.array(boxes)), name
+
+
+def test_the_lowest_table_is_recorded_and_an_index_without_it_says_how_to_get_it(index: Path, data: Path,
+                                                                                   weights: Path,
+                                                                                   tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from actindex.indexer.cli import cli
+
+    with IndexReader(index) as reader:
+        assert reader.info.bottom_k == BOTTOM_K and reader.describe()["bottom_k"] == BOTTOM_K
+        assert reader.config["bottom_k"] == BOTTOM_K
+    shown = CliRunner().invoke(cli, ["info", str(index)])
+    assert shown.exit_code == 0 and f"k = 5, bottom-k = {BOTTOM_K}" in shown.output, shown.output
+    plain = run_build(data, weights, tmp_path / "plain.h5", batch_size=16, layers=("head",), embed_layer="")
+    with h5py.File(plain) as f:
+        assert "layers/head/bottom" not in f and f.attrs["bottom_k"] == 0
+    with IndexReader(plain) as reader:
+        assert reader.info.bottom_k == 0 and reader.layer("head").image.shape == (5, 5)
+        with pytest.raises(UserError, match=r"built without --bottom-k\); rebuild it with --bottom-k K") as caught:
+            reader.layer("head", lowest=True)
+    assert "\n" not in str(caught.value)
+    shown = CliRunner().invoke(cli, ["info", str(plain)])
+    assert shown.exit_code == 0 and "bottom-k" not in shown.output, shown.output
+
+
+class Signed(nn.Module):
+    """One channel: red × (1 − 2·green) on inputs in [0, 1], so 0.0 where red and green are 0, and -0.0 where
+    red is 0 and green is 255 (0 × -1): minima that tie across signs, as a network's can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x[:, :1] * (1 - 2 * x[:, 1:2]))
+
+
+def test_lowest_minima_ascend_with_ties_to_the_lower_id_across_signed_zeros_and_ranks() -> None:
+    from actindex.indexer.accumulate import IndexAccumulator
+
+    # Per image: red (2x2) and green (constant); the minimum of red/255 × (1 − 2·green/255) is written beside.
+    images = [([[0, 0], [0, 0]], 0),  # 0: +0.0 at (0, 0)
+              ([[10, 200], [200, 30]], 255),  # 1: -200/255 at (0, 1)
+              ([[0, 0], [0, 0]], 255),  # 2: -0.0 at (0, 0)
+              ([[5, 0], [7, 0]], 0),  # 3: +0.0 at (0, 1)
+              ([[200, 1], [2, 200]], 255),  # 4: -200/255 at (0, 0), a tie with image 1
+              ([[50, 60], [70, 80]], 0),  # 5: 50/255
+              ([[0, 0], [0, 0]], 255),  # 6: -0.0
+              ([[255, 255], [255, 255]], 255)]  # 7: -1.0, the lowest
+    pixels = torch.zeros(len(images), 3, 2, 2, dtype=torch.uint8)
+    for i, (red, green) in enumerate(images):
+        pixels[i, 0], pixels[i, 1] = torch.tensor(red), green
+
+    def accumulator() -> IndexAccumulator:
+        return IndexAccumulator(Signed(), {"out": 1}, 2, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), None,
+                                torch.device("cpu"), bottom_k=len(images) + 2)
+
+    first, second = accumulator(), accumulator()  # two ranks' shards, merged as a build merges them
+    for ids in ([0, 1, 2], [3, 4]):
+        first.add_batch(pixels[ids], torch.tensor(ids))
+    second.add_batch(pixels[5:], torch.arange(5, 8))
+    second.merge_state(first.state_dict())
+    result = second.lowest()["out"]
+    assert result.ids[0].tolist() == [7, 1, 4, 0, 2, 3, 6, 5, -1, -1]
+    assert result.positions[0].tolist() == [0, 1, 0, 0, 0, 1, 0, 0, -1, -1]
+    values = result.values[0].numpy()
+    assert np.array_equal(values[:8], np.float32([-1, -200 / 255, -200 / 255, 0, 0, 0, 0, 50 / 255]))
+    # each minimum as the network gave it, sign of zero included; empty slots a plain NaN
+    assert np.signbit(values).tolist() == [True, True, True, False, True, False, True, False, False, False]
+    assert np.isnan(values[8:]).all()
 
 
 def test_each_units_mean_is_the_exact_mean_of_its_scores_over_readable_images(data: Path, weights: Path,
@@ -207,11 +290,11 @@ def test_attributes_follow_the_format(index: Path, data: Path) -> None:
 def test_cuda_build_equals_cpu_build(data: Path, weights: Path, index: Path, tmp_path: Path) -> None:
     out = tmp_path / "cuda.h5"
     build_index(BuildConfig(data=data, model="tiny_models:tiny_net", out=out, weights=str(weights), layers=LAYERS,
-                            k=5, input_size=SIZE, batch_size=7, workers=2, embed_layer="down", device="cuda"))
+                            k=5, bottom_k=BOTTOM_K, input_size=SIZE, batch_size=7, workers=2, embed_layer="down",
+                            device="cuda"))
     with h5py.File(index) as a, h5py.File(out) as b:
-        for name in LAYERS:
+        for table in [f"layers/{name}" for name in LAYERS] + [f"layers/{name}/bottom" for name in LAYERS]:
             for field in ("image", "y", "x", "box"):
-                assert np.array_equal(a[f"layers/{name}/{field}"][()], b[f"layers/{name}/{field}"][()]), name
-            np.testing.assert_allclose(a[f"layers/{name}/value"][()], b[f"layers/{name}/value"][()],
-                                       rtol=1e-3, atol=1e-3)
+                assert np.array_equal(a[f"{table}/{field}"][()], b[f"{table}/{field}"][()]), (table, field)
+            np.testing.assert_allclose(a[f"{table}/value"][()], b[f"{table}/value"][()], rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(a["embeddings/down"][()], b["embeddings/down"][()], rtol=1e-3, atol=1e-3)

@@ -87,6 +87,7 @@ def test_existing_output_is_kept_without_overwrite(data: Path, weights: Path, tm
     (["--model", "tiny_models:not_a_module"], ["not a torch.nn.Module"]),
     (["--layers", "stem,nope"], ["unknown layer 'nope'", "block.conv1"]),
     (["--k", "0"], ["--k must be at least 1"]),
+    (["--bottom-k", "-1"], ["--bottom-k must be 0 (off) or more, got -1"]),
     (["--weights", "missing.pt"], ["does not exist"]),
     (["--weights", "IMAGENET1K_V1"], ["neither a weights name"]),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], ["device"]),

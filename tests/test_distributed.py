@@ -45,8 +45,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(data: Path, weights: Path, out: Path, **changes: object) -> BuildConfig:
+    """The reference build's settings; --bottom-k on, so that every comparison covers the lowest-k tables too."""
     base = BuildConfig(data=data, model="tiny_models:tiny_net", out=out, weights=str(weights), layers=LAYERS, k=5,
-                       input_size=SIZE, batch_size=BATCH, workers=0, embed_layer="down", device="cpu",
+                       bottom_k=3, input_size=SIZE, batch_size=BATCH, workers=0, embed_layer="down", device="cpu",
                        checkpoint_every=8)
     return replace(base, **changes)  # type: ignore[arg-type]
 
@@ -56,6 +57,8 @@ def reference(data: Path, weights: Path, tmp_path_factory: pytest.TempPathFactor
     """One process, no interruption."""
     out = tmp_path_factory.mktemp("reference") / "index.h5"
     build_index(config(data, weights, out))
+    with h5py.File(out) as f:
+        assert all(f"layers/{name}/bottom/value" in f for name in LAYERS)  # so every comparison covers them
     return out
 
 
@@ -142,10 +145,10 @@ def test_a_checkpoint_of_another_configuration_is_refused(data: Path, weights: P
     with pytest.raises(InjectedFault):
         build_index(config(data, weights, out), fault=Fault(0, 20))
     before = checkpoint_files(out)
-    with pytest.raises(UserError, match=r"input size: 48 in the checkpoint, 64 now; k: 5 in the checkpoint, 3"
-                                        r".*rerun with the original settings to continue it, or without --resume "
-                                        "and with --overwrite to discard it"):
-        build_index(config(data, weights, out, resume=True, k=3, input_size=64))
+    with pytest.raises(UserError, match=r"bottom-k: 3 in the checkpoint, 0 now; input size: 48 in the checkpoint, 64 "
+                                        r"now; k: 5 in the checkpoint, 3.*rerun with the original settings to "
+                                        "continue it, or without --resume and with --overwrite to discard it"):
+        build_index(config(data, weights, out, resume=True, k=3, bottom_k=0, input_size=64))
     with pytest.raises(UserError, match="layers: .* in the checkpoint"):
         build_index(config(data, weights, out, resume=True, layers=("stem", "down"), overwrite=True))
     with pytest.raises(UserError, match=r"unfinished build .* \(16 images checkpointed\); add --resume to continue "
@@ -210,8 +213,9 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(data: Path, weights: Path, 
 
 def cli_args(data: Path, weights: Path, out: Path, *extra: str) -> list[str]:
     return ["build", str(data), "--model", "tiny_models:tiny_net", "--weights", str(weights), "--out", str(out),
-            "--layers", ",".join(LAYERS), "--k", "5", "--input-size", str(SIZE), "--batch-size", str(BATCH),
-            "--workers", "0", "--embed-layer", "down", "--device", "cpu", "--checkpoint-every", "8", *extra]
+            "--layers", ",".join(LAYERS), "--k", "5", "--bottom-k", "3", "--input-size", str(SIZE), "--batch-size",
+            str(BATCH), "--workers", "0", "--embed-layer", "down", "--device", "cpu", "--checkpoint-every", "8",
+            *extra]
 
 
 def environment() -> dict[str, str]:

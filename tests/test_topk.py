@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from actindex.kernels.spatial import spatial_max, spatial_mean, unravel
+from actindex.kernels.spatial import spatial_max, spatial_mean, spatial_min, unravel
 from actindex.kernels.topk import RunningTopK, ordered_bits
 
 
@@ -124,6 +124,19 @@ def test_spatial_max_takes_the_first_maximum_in_row_major_order() -> None:
     y, x = unravel(positions, 5)
     assert (y[0, 0], x[0, 0]) == (1, 2)
     torch.testing.assert_close(spatial_mean(maps), maps.mean(dim=(2, 3)))
+
+
+def test_spatial_min_takes_the_first_minimum_in_row_major_order_as_float32() -> None:
+    maps = torch.zeros(2, 3, 4, 5)
+    maps[0, 0, 1, 2] = maps[0, 0, 3, 0] = -7.0  # tie: (1, 2) comes first in row-major order
+    maps[1, 2] = 1.0  # all equal: position 0
+    values, positions = spatial_min(maps)
+    assert values[0, 0] == -7.0 and positions[0, 0] == 1 * 5 + 2
+    assert values[1, 2] == 1.0 and positions[1, 2] == 0
+    half = (maps - 2.0**-9).bfloat16()  # bf16 outputs: -7 - 2^-9 rounds to -7, 0 - 2^-9 is exact
+    values, positions = spatial_min(half)
+    assert values.dtype == torch.float32 and values[0, 0] == -7.0 and positions[0, 0] == 1 * 5 + 2
+    assert values[0, 1] == -(2.0**-9)
 
 
 def test_k_below_one_is_refused() -> None:
