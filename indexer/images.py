@@ -280,6 +280,20 @@ class CropGeometry:
             _clip(right, self.width),
         )
 
+    def input_coordinates(self, height: int | None = None, width: int | None = None) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+        """Where the centres of the original's rows (height,) and columns (width,) fall on the network input,
+        as input-pixel coordinates (u for the pixel spanning [u, u + 1)); NaN for those outside the crop.
+        With `height`/`width`, the rows and columns of that grid laid over the whole original instead (a
+        smaller picture of it)."""
+
+        def axis(n: int, resized: int, offset: int) -> torch.Tensor:
+            centres = (torch.arange(n, dtype=torch.float64) + 0.5) * resized / n - offset  # input coordinates
+            return (centres - 0.5).masked_fill((centres < 0) | (centres >= self.input_size), float("nan"))
+
+        return (axis(height or self.height, self.resized_height, self.offset_y),
+                axis(width or self.width, self.resized_width, self.offset_x))
+
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -72,8 +73,15 @@ class _Reached(Exception):
     """Raised from a hook once its layer is reached: the rest of the network is not needed."""
 
 
+T = TypeVar("T")
+
+
+def _identity(output: torch.Tensor) -> torch.Tensor:
+    return output
+
+
 def layer_value(model: nn.Module, layer: str, x: torch.Tensor,
-                reduce: Callable[[torch.Tensor], torch.Tensor] = lambda output: output) -> torch.Tensor:
+                reduce: Callable[[torch.Tensor], T] = _identity) -> T:  # type: ignore[assignment]
     """`reduce(output of layer)` for the input batch `x`, differentiable when `x` requires grad.
 
     `reduce` runs inside the hook, before any later in-place op can rewrite the output, and the forward pass
@@ -82,7 +90,7 @@ def layer_value(model: nn.Module, layer: str, x: torch.Tensor,
     modules = dict(model.named_modules())
     if layer not in modules or not layer:
         raise not_found("layer", layer, [name for name in modules if name])
-    taken: list[torch.Tensor] = []
+    taken: list[T] = []
 
     def take(_name: str, output: torch.Tensor) -> None:
         taken.append(reduce(output))

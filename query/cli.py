@@ -60,6 +60,7 @@ def neuron(index: Path, layer: str, unit: int, k: int | None, out: Path | None, 
     """A unit's top image patches, with guided backprop and gradients of each (Zeiler & Fergus style)."""
     from .neuron import describe_unguided, query_neuron
     from .neuron import save_maps as write_maps
+    from .unit import profile_lines
 
     result = query_neuron(index, layer, unit, k=k, data=data_root, weights=weights, device=_device(device))
     out = _picture_path(out, as_json, f"{layer}-unit{unit}.png")
@@ -77,17 +78,32 @@ def neuron(index: Path, layer: str, unit: int, k: int | None, out: Path | None, 
                               indent=2))
         return
     click.echo(f"{layer} unit {unit}: {len(result.hits)} hits, each activation reproduced from the image")
-    if result.distribution is not None:
-        d = result.distribution
-        levels = ", ".join(f"p{100 * q:g} {v:.4g}" for q, v in d.quantiles.items())
-        click.echo(f"  over all {d.count} images: fires (> 0) on {100 * d.firing_rate:.1f} %; {levels}")
-    if result.classes is not None:
-        top = ", ".join(f"{name} {mean:.4g}" for name, mean, _ in result.classes.top)
-        click.echo(f"  mean score by class: {top}; class selectivity {result.classes.selectivity:.2f}")
+    for line in profile_lines(result.distribution, result.classes):
+        click.echo(f"  {line}")
     for hit in result.hits:
         click.echo(f"  #{hit.rank + 1} {hit.score:9.4g}  {hit.path}  box {list(hit.box)} "
                    f"(original pixels {list(hit.box_original)})")
     click.echo(f"Wrote {out}" + (f" and {save_maps}" if save_maps else ""))
+
+
+@click.command()
+@click.argument("index", type=click.Path(path_type=Path))
+@click.option("--layer", required=True, help="Layer name, as listed by 'actindex info INDEX'.")
+@click.option("--unit", required=True, type=int, help="Channel number in that layer.")
+@click.option("--k", type=int, help="Images to list. Default: all the index keeps.")
+@click.option("--classes", default=5, show_default=True, type=int, help="Best classes to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def unit(index: Path, layer: str, unit: int, k: int | None, classes: int, as_json: bool) -> None:
+    """A unit's profile from the index alone: firing rate, quantiles, class selectivity, best classes, top (and
+    lowest) images. Needs neither the network nor the images."""
+    from .unit import unit_summary
+
+    summary = unit_summary(index, layer, unit, k=k, classes=classes)
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2))
+        return
+    for line in summary.lines():
+        click.echo(line)
 
 
 def _picture_path(out: Path | None, as_json: bool, default: str) -> Path | None:
@@ -304,8 +320,8 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-@click.group(cls=ActindexGroup, commands={**COMMANDS, "demo": demo, "neuron": neuron, "filters": filters,
-                                          "dream": dream, "similar": similar, "atlas": atlas})
+@click.group(cls=ActindexGroup, commands={**COMMANDS, "demo": demo, "neuron": neuron, "unit": unit,
+                                          "filters": filters, "dream": dream, "similar": similar, "atlas": atlas})
 @click.version_option(package_name="actindex")
 @debug_option
 def main(debug: bool) -> None:

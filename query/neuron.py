@@ -12,7 +12,7 @@ import collections
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ from actindex.kernels.freeze import frozen
 from actindex.kernels.guided import GuidedBackprop
 
 from .loading import LoadedImage, query_numerics
+from .maps import UnitMaps, layer_field
+from .unit import profile_json
 
 if TYPE_CHECKING:
     from .index import Index
@@ -37,14 +39,23 @@ def unit_activations(model: nn.Module, layer: str, unit: int | torch.Tensor, x: 
     """(B,) activation of `unit` of `layer` at positions (ys[b], xs[b]) for the batch `x`, differentiable.
 
     `unit` is one channel for the whole batch, or a (B,) tensor of channels, one per image."""
+    return unit_activations_and_maps(model, layer, unit, x, ys, xs)[0]
 
-    def pick(out: torch.Tensor) -> torch.Tensor:
+
+def unit_activations_and_maps(model: nn.Module, layer: str, unit: int | torch.Tensor, x: torch.Tensor,
+                              ys: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`unit_activations`, and each image's whole map of its unit, (B, H, W) float32 detached ((B, 1, 1) for
+    layers without spatial extent)."""
+
+    def pick(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.arange(out.shape[0], device=out.device)
         channels = unit.to(out.device) if isinstance(unit, torch.Tensor) else unit
         if out.ndim == 4:  # (B, C, H, W)
-            return out[rows, channels, ys.to(out.device), xs.to(out.device)]
+            maps = out[rows, channels]  # (B, H, W)
+            return maps[rows, ys.to(out.device), xs.to(out.device)], maps.detach().float()
         if out.ndim == 2:  # (B, C): one position
-            return out[rows, channels]
+            values = out[rows, channels]
+            return values, values.detach().float()[:, None, None]
         raise UserError(f"layer '{layer}' gives {out.ndim}-D outputs; choose a convolutional or linear layer")
 
     return layer_value(model, layer, x, pick)
@@ -55,6 +66,7 @@ class Attribution:
     values: torch.Tensor  # (B,) float32, the unit's activation per image
     gradient: torch.Tensor | None  # (B, 3, S, S) plain gradient; None when not asked for
     guided: torch.Tensor  # (B, 3, S, S) guided backpropagation
+    maps: torch.Tensor  # (B, H, W) float32, each image's whole map of its unit
     unguided: dict[str, int]  # activations guided backprop is not defined for, and how often they ran
 
 
@@ -74,10 +86,10 @@ def attribute(model: nn.Module, layer: str, unit: int | torch.Tensor, x: torch.T
             (gradient,) = torch.autograd.grad(values.sum(), plain_input)
         guided_input = x.detach().clone().requires_grad_(True)
         with GuidedBackprop() as mode:
-            guided_values = unit_activations(model, layer, unit, guided_input, ys, xs)
+            guided_values, maps = unit_activations_and_maps(model, layer, unit, guided_input, ys, xs)
         (guided,) = torch.autograd.grad(guided_values.sum(), guided_input)
     # float32 values whatever the network computed in (under autocast the layer may give bf16 or fp16)
-    return Attribution(guided_values.detach().float(), gradient, guided, dict(mode.unguided))
+    return Attribution(guided_values.detach().float(), gradient, guided, maps, dict(mode.unguided))
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,7 @@ class NeuronResult:
     images: list[LoadedImage]
     gradient: np.ndarray  # (n, 3, S, S) float32
     guided: np.ndarray  # (n, 3, S, S) float32
+    maps: UnitMaps  # where in each hit's image the unit fires
     unguided: dict[str, int] = field(default_factory=dict)
     distribution: UnitDistribution | None = None  # over the whole dataset; None for indexes from before it
     classes: UnitClasses | None = None  # per-class means; None without class folders
@@ -117,13 +130,7 @@ class NeuronResult:
                           "recomputed": h.recomputed, "position": [h.y, h.x], "box": list(h.box),
                           "box_original": list(h.box_original), "image_size": list(h.image_size)}
                          for h in self.hits],
-                "unguided_activations": self.unguided,
-                "distribution": None if self.distribution is None else {
-                    "images": self.distribution.count, "firing_rate": self.distribution.firing_rate,
-                    "quantiles": {f"p{100 * q:g}": v for q, v in self.distribution.quantiles.items()}},
-                "classes": None if self.classes is None else {
-                    "selectivity": self.classes.selectivity,
-                    "top": [{"class": name, "mean": mean, "images": n} for name, mean, n in self.classes.top]}}
+                "unguided_activations": self.unguided, **profile_json(self.distribution, self.classes)}
 
 
 def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data: Path | None = None,
@@ -168,9 +175,12 @@ def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None) -> Neu
         rows.append(Hit(rank, ids[rank], images[rank].path, float(recorded[rank]),
                         float(result.values[rank]), int(hits.y[unit][rank]), int(hits.x[unit][rank]),
                         box, geometry.to_original(box), (geometry.height, geometry.width)))  # type: ignore[arg-type]
+    distribution = opened.reader.distribution(layer, unit)
+    maps = UnitMaps(result.maps.cpu().numpy(), layer_field(hits), input_size,
+                    None if distribution is None else distribution.quantiles[0.99])
     return NeuronResult(opened.path, layer, unit, hits.channels, input_size, hits.rf_size, rows, images,
-                        result.gradient.cpu().numpy(), result.guided.cpu().numpy(), result.unguided,
-                        opened.reader.distribution(layer, unit), opened.reader.unit_classes(layer, unit))
+                        result.gradient.cpu().numpy(), result.guided.cpu().numpy(), maps, result.unguided,
+                        distribution, opened.reader.unit_classes(layer, unit))
 
 
 def check_reproduced(layer: str, unit: int, paths: list[str], recorded: np.ndarray, now: np.ndarray,
@@ -187,13 +197,26 @@ def check_reproduced(layer: str, unit: int, paths: list[str], recorded: np.ndarr
 
 
 def save_maps(result: NeuronResult, path: Path) -> None:
-    """The per-hit maps as arrays (network-input coordinates), with the hits they belong to; written atomically."""
+    """The per-hit maps as arrays, with the hits they belong to; written atomically. Gradient maps and the
+    activation map upsampled to the input are in network-input pixels; `activation_original_R` is hit R's in
+    its original image's pixels (NaN outside the crop); masks are where the map reaches the unit's p99 `level`."""
+    at_input = result.maps.at_input()  # (n, S, S)
+    arrays: dict[str, Any] = {
+        "guided": result.guided.astype(np.float32), "gradient": result.gradient.astype(np.float32),
+        "activation": result.maps.maps, "activation_input": at_input,
+        "image_id": np.array([h.image_id for h in result.hits], dtype=np.int64),
+        "score": np.array([h.score for h in result.hits], dtype=np.float32),
+        "position": np.array([[h.y, h.x] for h in result.hits], dtype=np.int32).reshape(-1, 2),
+        "box": np.array([h.box for h in result.hits], dtype=np.int32).reshape(-1, 4)}
+    for rank, image in enumerate(result.images):
+        arrays[f"activation_original_{rank}"] = result.maps.at_original(rank, image.geometry)
+    if result.maps.level is not None:
+        arrays["level"] = np.float32(result.maps.level)
+        arrays["mask_input"] = result.maps.masks(at_input)
+        for rank in range(len(result.images)):
+            arrays[f"mask_original_{rank}"] = result.maps.masks(arrays[f"activation_original_{rank}"])
     with atomic_path(path) as tmp, tmp.open("wb") as f:
-        np.savez_compressed(f, guided=result.guided.astype(np.float32), gradient=result.gradient.astype(np.float32),
-                            image_id=np.array([h.image_id for h in result.hits], dtype=np.int64),
-                            score=np.array([h.score for h in result.hits], dtype=np.float32),
-                            position=np.array([[h.y, h.x] for h in result.hits], dtype=np.int32).reshape(-1, 2),
-                            box=np.array([h.box for h in result.hits], dtype=np.int32).reshape(-1, 4))
+        np.savez_compressed(f, **arrays)
 
 
 def describe_unguided(unguided: dict[str, int]) -> str:

@@ -20,6 +20,7 @@ from actindex.indexer.atomic import atomic_path
 
 if TYPE_CHECKING:
     from .loading import LoadedImage
+    from .maps import UnitMaps
     from .neuron import NeuronResult
     from .similar import SimilarResult
 
@@ -125,9 +126,78 @@ def context_tile(result: NeuronResult, rank: int, size: int = TILE) -> Image.Ima
     return tile
 
 
+# A perceptually ordered ramp, dark to light (close to matplotlib's "inferno"), for activation overlays.
+HEAT_STOPS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
+FADED = 235  # grey the masked-out region and the area the network never saw fade to
+
+
+OUTLINE = (255, 200, 0)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The pixels of a (h, w) boolean mask next to a pixel outside it (its border, inside the region)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def heat(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1], any shape -> RGB float64 (..., 3) on `HEAT_STOPS`."""
+    position = np.clip(values, 0, 1) * (len(HEAT_STOPS) - 1)
+    low = np.minimum(np.floor(position).astype(int), len(HEAT_STOPS) - 2)
+    weight = (position - low)[..., None]
+    return HEAT_STOPS[low] * (1 - weight) + HEAT_STOPS[low + 1] * weight
+
+
+def activation_pictures(maps: UnitMaps, rank: int, image: LoadedImage, best: float,
+                        size: int = TILE) -> tuple[Image.Image, Image.Image | None]:
+    """Hit `rank`'s whole original image, its longest side `size` pixels: (overlay, mask). The overlay shows the
+    unit's map in colour (0 dark, `best` light, the photo showing through where the unit is silent); the mask
+    keeps the image where the map reaches the unit's p99 level, outlined (None for indexes without
+    distributions). What the network input did not cover is faded in both."""
+    (width, height), _, _ = _placement(image.original, size)
+    activation = maps.at_original(rank, image.geometry, height, width)  # (height, width), NaN outside the crop
+    photo = np.asarray(image.original.convert("RGB").resize((width, height), Image.Resampling.LANCZOS),
+                       dtype=np.float64)
+    seen = ~np.isnan(activation)[..., None]
+    faded = 0.3 * photo + 0.7 * FADED
+    strength = np.clip(np.nan_to_num(activation) / max(best, 1e-12), 0, 1)[..., None]
+    alpha = 0.25 + 0.65 * strength  # the photo stays readable where the unit is silent
+    overlay = np.where(seen, (1 - alpha) * photo + alpha * heat(strength[..., 0]), faded)
+    mask = maps.masks(activation)
+    if mask is None:
+        return picture(overlay), None
+    outlined = np.where(seen & mask[..., None], photo, faded)
+    outlined[outline(mask)] = OUTLINE  # a region of a few pixels still shows
+    return picture(overlay), picture(outlined)
+
+
+def picture(rgb: np.ndarray) -> Image.Image:
+    """(h, w, 3) float RGB in [0, 255] -> image."""
+    return Image.fromarray(np.round(np.clip(rgb, 0, 255)).astype(np.uint8))
+
+
+def activation_tiles(result: NeuronResult, rank: int, size: int = TILE) -> tuple[Image.Image, Image.Image | None]:
+    """`activation_pictures` of a neuron query's hit, each centred on a size x size tile; the colour scale ends at
+    the unit's best score."""
+    best = max(result.hits[0].score, float(np.nanmax(result.maps.maps)))
+    overlay, mask = activation_pictures(result.maps, rank, result.images[rank], best, size)
+    _, corner, _ = _placement(result.images[rank].original, size)
+
+    def on_tile(image: Image.Image) -> Image.Image:
+        tile = Image.new("RGB", (size, size), BACKGROUND)
+        tile.paste(image, corner)
+        return tile
+
+    return on_tile(overlay), None if mask is None else on_tile(mask)
+
+
 def neuron_sheet(result: NeuronResult, context: bool = False, columns: int = 9) -> Image.Image:
-    """A grid with one column per hit: patch, guided backprop, gradient (and the whole image with its box)."""
-    rows = ["patch", "guided backprop", "gradient"] + (["image"] if context else [])
+    """A grid with one column per hit: patch, guided backprop, gradient, the unit's map over the whole image and
+    the region above its p99 level (and the whole image with the patch's box)."""
+    masked = result.maps.level is not None
+    rows = (["patch", "guided backprop", "gradient", "activation map"] + (["above p99"] if masked else [])
+            + (["image"] if context else []))
     n = len(result.hits)
     columns = min(columns, n)
     blocks = -(-n // columns)
@@ -135,6 +205,8 @@ def neuron_sheet(result: NeuronResult, context: bool = False, columns: int = 9) 
     width = columns * (TILE + GAP) + GAP
     title = (f"{result.layer} unit {result.unit} of {result.channels}: top {n} images (receptive field "
              f"{result.rf_size[0]}x{result.rf_size[1]} px); rows: {', '.join(rows)}")
+    if masked:
+        title += f" (p99 = {result.maps.level:.4g} over the dataset)"
     header = title_height(title, width)
     sheet = Image.new("RGB", (width, header + blocks * cell_h + GAP), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
@@ -145,8 +217,9 @@ def neuron_sheet(result: NeuronResult, context: bool = False, columns: int = 9) 
         left = GAP + column * (TILE + GAP)
         top = header + block * cell_h
         y0, x0, y1, x1 = hit.box
+        overlay, mask = activation_tiles(result, rank)
         tiles = [fit(patch(result.images[rank], hit.box)), fit(map_image(result.guided[rank][:, y0:y1, x0:x1])),
-                 fit(map_image(result.gradient[rank][:, y0:y1, x0:x1]))]
+                 fit(map_image(result.gradient[rank][:, y0:y1, x0:x1])), overlay] + ([mask] if mask else [])
         if context:
             tiles.append(context_tile(result, rank))
         for row, tile in enumerate(tiles):

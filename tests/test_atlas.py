@@ -26,9 +26,10 @@ from actindex.query.atlas import AtlasConfig, build_atlas
 from actindex.query.atlas.build import AtlasFault, InjectedCrash
 from actindex.query.atlas.plan import parse_units
 from actindex.query.atlas.pool import KillTask
+from actindex.query.atlas.work import MAP
 from actindex.query.cli import main
 from actindex.query.neuron import query_neuron
-from actindex.query.render import map_image
+from actindex.query.render import activation_pictures, map_image
 
 from helpers import SIZE, tiny_index
 
@@ -156,6 +157,43 @@ def test_layer_tiles_carry_maximum_and_mean_for_sorting(built: tuple[Path, Path,
     assert [float(m) for _, m, _ in found] == hits.value[:, 0].astype(float).tolist()
     assert [float(m) for _, _, m in found] == mean.tolist()
     assert '<div class="controls" hidden>' in text  # shown by atlas.js only
+
+
+def test_activation_maps_and_masks_are_the_neuron_querys(built: tuple[Path, Path, Path], site: Path) -> None:
+    """Batched over many units in the atlas, one unit at a time in the query: the same pictures, masked at the
+    unit's p99 (the index's)."""
+    index = built[0]
+    for layer, unit in (("block", 2), ("down", 7), ("head", 3)):
+        result = query_neuron(index, layer, unit, device="cpu")
+        assert result.maps.level is not None
+        for hit in result.hits:
+            overlay, mask = activation_pictures(result.maps, hit.rank, result.images[hit.rank], result.hits[0].score,
+                                                MAP)
+            assert mask is not None
+            for picture, name in ((overlay, "a"), (mask, "m")):
+                saved = np.asarray(Image.open(site / f"img/u/{layer}/{unit}/{name}{hit.rank}.png")).astype(int)
+                expected = np.asarray(picture).astype(int)
+                assert saved.shape == expected.shape and max(saved.shape[:2]) == MAP
+                assert np.abs(saved - expected).max() <= 1
+
+
+def test_layer_tiles_and_unit_pages_carry_the_units_profile(built: tuple[Path, Path, Path], site: Path) -> None:
+    with IndexReader(built[0]) as reader:
+        profile = reader.layer_profile("down")
+        classes = reader.unit_classes("down", 7)
+        distribution = reader.distribution("down", 7)
+    assert classes is not None and distribution is not None
+    text = (site / "layers" / "down.html").read_text()
+    firing = {int(u): float(v) for u, v in re.findall(r'data-unit="(\d+)"[^>]* data-firing="([^"]+)"', text)}
+    assert firing == {u: float(v) for u, v in enumerate(profile.firing_rate)}
+    chosen = {int(u): float(v) for u, v in re.findall(r'data-unit="(\d+)"[^>]* data-selectivity="([^"]+)"', text)}
+    assert chosen == {u: float(v) for u, v in enumerate(profile.selectivity) if np.isfinite(v)}
+    assert '<option value="firing">' in text and '<option value="selectivity">' in text
+    page = (site / "units" / "down" / "7.html").read_text()
+    assert f"{100 * distribution.firing_rate:.1f} % of {distribution.count} images" in page
+    assert f"<dt>p99</dt><dd>{distribution.quantiles[0.99]:.4g}</dd>" in page
+    for name, mean, images in classes.top:
+        assert f"<tr><td>{name}</td><td>{mean:.4g}</td><td>{images}</td></tr>" in page
 
 
 def test_image_pages_list_the_exact_nearest_images(built: tuple[Path, Path, Path], site: Path) -> None:

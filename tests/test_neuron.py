@@ -39,6 +39,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 def reference_maps(data: Path, path: str, weights: Path, layer: str, unit: int, y: int, x: int) -> torch.Tensor:
     """The plain gradient of one image, through torchvision transforms and a fresh model, no actindex code."""
+    return reference_pass(data, path, weights, layer, unit, y, x)[0]
+
+
+def reference_pass(data: Path, path: str, weights: Path, layer: str, unit: int, y: int,
+                   x: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the plain gradient, the unit's whole (H, W) map) of one image, with no actindex code."""
     model = tiny_net()
     model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
@@ -53,7 +59,8 @@ def reference_maps(data: Path, path: str, weights: Path, layer: str, unit: int, 
     out = captured["out"]
     value = out[0, unit, y, x] if out.ndim == 4 else out[0, unit]
     value.backward()
-    return x_in.grad[0]
+    unit_map = out[0, unit] if out.ndim == 4 else out[0, unit].reshape(1, 1)
+    return x_in.grad[0], unit_map.detach()
 
 
 @pytest.mark.parametrize(("layer", "unit"), [("stem", 2), ("block", 5), ("down", 11), ("head", 3)])
@@ -157,6 +164,44 @@ def test_cli_json_picture_and_maps_agree(built: tuple[Path, Path, Path], tmp_pat
     assert arrays["box"].tolist() == [h["box"] for h in report["hits"]]
     picture = Image.open(out)
     assert picture.width == 6 + 3 * (TILE + 6)  # three columns, one per hit
+
+
+@pytest.mark.parametrize(("layer", "unit"), [("stem", 2), ("down", 11), ("head", 3)])
+def test_activation_maps_and_masks_against_brute_force(built: tuple[Path, Path, Path], tmp_path: Path, layer: str,
+                                                       unit: int) -> None:
+    """Each hit's whole map against a fresh model's; the mask against a numpy upsampling of that map (np.interp
+    along each axis, between receptive-field centres) thresholded at the unit's p99, which itself is checked
+    against numpy's quantile of the brute-force scores of every image."""
+    index, data, weights = built
+    maps_file = tmp_path / "maps.npz"
+    report = CliRunner().invoke(main, ["neuron", str(index), "--layer", layer, "--unit", str(unit), "--k", "3",
+                                       "--save-maps", str(maps_file), "--json"])
+    assert report.exit_code == 0, report.output
+    hits = json.loads(report.stdout)["hits"]
+    arrays = np.load(maps_file)
+    with IndexReader(index) as reader:
+        stored, skipped = reader.layer(layer), {path for path, _ in reader.skipped()}
+        paths = [p for p in reader.image_paths() if p not in skipped]
+    scores = np.array([float(reference_pass(data, p, weights, layer, unit, 0, 0)[1].max()) for p in paths])
+    level = float(arrays["level"])
+    assert level == pytest.approx(np.quantile(scores, 0.99, method="inverted_cdf"), rel=0.0078)
+    (size_y, size_x), (stride_y, stride_x) = stored.rf_size, stored.rf_stride
+    pad_y, pad_x = stored.rf_padding
+    for rank, hit in enumerate(hits):
+        _, brute = reference_pass(data, hit["path"], weights, layer, unit, *hit["position"])
+        np.testing.assert_allclose(arrays["activation"][rank], brute.numpy(), rtol=1e-5, atol=1e-6)
+        height, width = brute.shape
+        centres_y = np.arange(height) * stride_y - pad_y + size_y / 2 - 0.5  # input-pixel coordinates
+        centres_x = np.arange(width) * stride_x - pad_x + size_x / 2 - 0.5
+        pixels = np.arange(SIZE)
+        rows = np.stack([np.interp(pixels, centres_y, brute[:, j].double().numpy()) for j in range(width)], 1)
+        upsampled = np.stack([np.interp(pixels, centres_x, row) for row in rows])  # (S, S)
+        np.testing.assert_allclose(arrays["activation_input"][rank], upsampled, rtol=1e-5, atol=1e-5)
+        near = np.abs(upsampled - level) < 1e-4 * max(1.0, abs(level))  # float32 vs float64 at the threshold
+        assert (arrays["mask_input"][rank] == (upsampled >= level))[~near].all()
+        assert arrays[f"activation_original_{rank}"].shape == tuple(hit["image_size"])
+        assert arrays[f"mask_original_{rank}"].shape == tuple(hit["image_size"])
+    assert float(arrays["activation"][0].max()) >= level  # the best hit reaches the unit's p99 somewhere
 
 
 def test_cli_writes_a_picture_only_when_asked_with_json(built: tuple[Path, Path, Path], tmp_path: Path,

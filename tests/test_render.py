@@ -10,6 +10,7 @@ from PIL import Image
 
 from actindex.indexer.images import crop_geometry, preprocess
 from actindex.query.loading import LoadedImage
+from actindex.query.maps import UnitMaps
 from actindex.query.neuron import Hit, NeuronResult
 from actindex.query.render import GAP, TILE, context_tile, font, neuron_sheet
 
@@ -26,8 +27,9 @@ def result_for(pictures: list[Image.Image], boxes: list[tuple[int, int, int, int
         hits.append(Hit(rank, rank, name, 1.0, 1.0, 0, 0, (0, 0, SIZE, SIZE), box,
                         (picture.height, picture.width)))
     maps = np.zeros((len(pictures), 3, SIZE, SIZE), dtype=np.float32)
+    activation = UnitMaps(np.ones((len(pictures), 2, 2), dtype=np.float32), ((16, 16, 0), (16, 16, 0)), SIZE, 0.5)
     return NeuronResult(Path("i.h5"), "layer_with_a_long_name.features.3", 7, 512, SIZE, (SIZE, SIZE), hits,
-                        images, maps, maps)
+                        images, maps, maps, activation)
 
 
 def test_labels_draw_latin_1_and_beyond_from_a_packaged_font() -> None:

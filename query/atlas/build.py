@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actindex.indexer.index_file import IndexInfo, IndexReader
+from actindex.indexer.index_file import IndexInfo, IndexReader, UnitClasses
 from actindex.indexer.signals import describe, stops_raise
 from actindex.kernels.errors import Interrupted, UserError, not_found
 from actindex.kernels.overlap import nearest_by_overlap
@@ -113,7 +113,8 @@ def build_atlas(config: AtlasConfig, progress: bool = False, *, fault: AtlasFaul
             if name not in names:
                 raise not_found("layer", name, names, hint=f"these are the layers of '{config.index}'")
         manifest.layers = [name for name in names if name in chosen or name in manifest.layers]
-        layers = {name: Layer(reader.layer(name), "", reader.layer_mean(name)) for name in manifest.layers}
+        layers = {name: Layer(reader.layer(name), "", reader.layer_mean(name), reader.layer_profile(name))
+                  for name in manifest.layers}
         layers = _with_slugs(layers)
         channels = {name: layers[name].hits.channels for name in chosen}
         requested = parse_units(config.units, channels) if config.units else \
@@ -135,7 +136,8 @@ def build_atlas(config: AtlasConfig, progress: bool = False, *, fault: AtlasFaul
                     skipped_count=reader.num_skipped, layers=layers, pages=pages,
                     dreams={name: set(units) for name, units in manifest.dreams.items()},
                     nearest=_nearest_units(layers, config.nearest_units), image_pages=image_pages,
-                    neighbours=neighbours, similarity_layer=similarity_layer)
+                    neighbours=neighbours, similarity_layer=similarity_layer,
+                    unit_classes=_unit_classes(reader, pages))
     site.mkdir(parents=True, exist_ok=True)
     manifest.write(site)
     tasks = _tasks(plan, manifest)
@@ -184,6 +186,18 @@ def _open_site(config: AtlasConfig, identity: str) -> SiteManifest:
                                 image_format=config.image_format)
 
 
+def _unit_classes(reader: IndexReader, pages: dict[str, list[int]]) -> dict[str, dict[int, UnitClasses]]:
+    """The best classes of each unit with a page; {} for indexes without classes."""
+    found: dict[str, dict[int, UnitClasses]] = {}
+    for name, units in pages.items():
+        for unit in units:
+            classes = reader.unit_classes(name, unit)
+            if classes is None:
+                return {}
+            found.setdefault(name, {})[unit] = classes
+    return found
+
+
 def _with_slugs(layers: dict[str, Layer]) -> dict[str, Layer]:
     """Give each layer a distinct file name, even when two names differ only in characters '_' replaces."""
     taken: set[str] = set()
@@ -194,7 +208,7 @@ def _with_slugs(layers: dict[str, Layer]) -> dict[str, Layer]:
         while candidate.lower() in taken:  # lower: case-insensitive file systems
             candidate, number = f"{base}-{number}", number + 1
         taken.add(candidate.lower())
-        result[name] = Layer(layer.hits, candidate, layer.mean)
+        result[name] = Layer(layer.hits, candidate, layer.mean, layer.profile)
     return result
 
 

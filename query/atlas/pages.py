@@ -63,6 +63,10 @@ def tile(plan: Plan, layer: str, unit: int, depth: int, label: str = "") -> str:
     data = f'data-unit="{unit}" data-max="{best if np.isfinite(best) else "-Infinity"}"'
     if mean is not None:
         data += f' data-mean="{float(mean[unit])}"'
+    profile = plan.layers[layer].profile
+    for key, values in (("firing", profile.firing_rate), ("selectivity", profile.selectivity)):
+        if np.isfinite(values[unit]):
+            data += f' data-{key}="{float(values[unit])}"'
     if hits.image[unit, 0] >= 0:
         picture = f'<img src="{up}{plan.unit_file(layer, unit, "p0")}" alt="best patch of unit {unit}" loading="lazy">'
     else:
@@ -130,6 +134,10 @@ def layer_page(plan: Plan, name: str) -> str:
     sorts = '<option value="unit">unit</option><option value="max">maximum</option>'
     if layer.mean is not None:
         sorts += '<option value="mean">mean</option>'
+    if np.isfinite(layer.profile.firing_rate).any():
+        sorts += '<option value="firing">firing rate</option>'
+    if np.isfinite(layer.profile.selectivity).any():
+        sorts += '<option value="selectivity">class selectivity</option>'
     controls = (f'<div class="controls" hidden><label>sort by <select id="sort">{sorts}</select></label> '
                 '<label>unit <input id="find" type="search" inputmode="numeric" placeholder="number" '
                 f'size="8"></label> <span id="shown"></span></div>')
@@ -177,6 +185,7 @@ def unit_page(plan: Plan, name: str, unit: int, sizes: dict[int, tuple[int, int]
     layer = plan.layers[name]
     hits = layer.hits
     count = plan.hit_count(name, unit)
+    level = layer.level(unit)
     figures = []
     for rank in range(count):
         image_id = int(hits.image[unit, rank])
@@ -191,6 +200,10 @@ def unit_page(plan: Plan, name: str, unit: int, sizes: dict[int, tuple[int, int]
             f'<img class="patch" src="../../{plan.unit_file(name, unit, f"p{rank}")}" alt="patch {rank + 1}">'
             f'<img class="patch" src="../../{plan.unit_file(name, unit, f"g{rank}")}" '
             f'alt="guided backprop {rank + 1}"></div>'
+            f'<img class="map" src="../../{plan.unit_file(name, unit, f"a{rank}")}" '
+            f'alt="activation map {rank + 1}" loading="lazy">'
+            + (f'<img class="map" src="../../{plan.unit_file(name, unit, f"m{rank}")}" '
+               f'alt="above p99 {rank + 1}" loading="lazy">' if level is not None else "") +
             f'<a class="context" href="../../{plan.image_url(image_id)}" title="{esc(path)}">'
             f'<img src="../../{plan.image_file(image_id)}" alt="{esc(path)}" loading="lazy">'
             f'<span class="box" style="{box}"></span></a>'
@@ -220,12 +233,37 @@ def unit_page(plan: Plan, name: str, unit: int, sizes: dict[int, tuple[int, int]
             f"<h1>{esc(name)} · unit {unit}</h1>\n"
             f'<p>{hits.channels} units in this layer · {esc(rf_text(plan, name))} · '
             f'<span class="steps">{" ".join(steps)}</span></p>\n'
+            f"{profile_section(plan, name, unit)}"
             f"<h2>Top {count} images</h2>\n<p>Each hit: the patch the unit sees, its guided backpropagation "
-            "(mid-grey is 0), and the whole image with the patch's box.</p>\n"
+            "(mid-grey is 0), the unit's activation map over the whole image (dark 0, light its best score)"
+            + (f", the image where the map reaches the unit's p99 ({number(level)}), outlined," if level is not None
+               else "") + " and the whole image with the patch's box.</p>\n"
             f'<div class="hits">{"".join(figures)}</div>\n{note}\n'
             f"<h2>Scores</h2>\n{score_chart(hits.value[unit, :count], mean)}\n"
             f"<h2>Nearest units</h2>\n<p>Units whose top images overlap most with this one's.</p>\n{near}\n{dream}")
     return document(f"{name} unit {unit} · actindex atlas", body, 2)
+
+
+def profile_section(plan: Plan, name: str, unit: int) -> str:
+    """How often and how strongly the unit fires over the dataset, and for which classes (what the index has)."""
+    distribution = plan.layers[name].profile.distribution(unit)
+    classes = plan.unit_classes.get(name, {}).get(unit)
+    if distribution is None and classes is None:
+        return ""
+    facts: list[tuple[str, object]] = []
+    if distribution is not None:
+        facts.append(("fires (> 0) on", f"{100 * distribution.firing_rate:.1f} % of {distribution.count} images"))
+        facts += [(f"p{100 * q:g}", number(v)) for q, v in distribution.quantiles.items()]
+    table = ""
+    if classes is not None:
+        index = number(classes.selectivity) if np.isfinite(classes.selectivity) else \
+            "– (defined for non-negative class means, as after a ReLU)"
+        facts.append(("class selectivity", index))
+        rows = "".join(f"<tr><td>{esc(klass)}</td><td>{number(mean)}</td><td>{images}</td></tr>"
+                       for klass, mean, images in classes.top)
+        table = ('<table class="layers classes"><thead><tr><th>class</th><th>mean score</th><th>images</th></tr>'
+                 f"</thead><tbody>{rows}</tbody></table>\n")
+    return f"<h2>Over the dataset</h2>\n{definitions(facts)}\n{table}"
 
 
 def nearest_units(plan: Plan, name: str, unit: int) -> str:

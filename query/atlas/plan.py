@@ -8,6 +8,8 @@ Site layout (all links relative, so the folder opens from disk and can be copied
     images/index.html, images/<id>.html   images that are some unit's hit, with their nearest images
     img/u/<slug>/<unit>/p<r>.<ext>   hit r's receptive-field patch (p0 is also the unit's tile)
     img/u/<slug>/<unit>/g<r>.<ext>   hit r's guided-backprop crop
+    img/u/<slug>/<unit>/a<r>.<ext>   the unit's activation map over hit r's whole image
+    img/u/<slug>/<unit>/m<r>.<ext>   hit r's image where the map reaches the unit's p99 (indexes with histograms)
     img/u/<slug>/<unit>/dream.<ext>  the unit's dream (--dream)
     img/i/<id>.<ext>                 a whole image, small
     atlas.json                       the manifest: which index, which settings, which layers and units
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from actindex.indexer.atomic import atomic_write
-from actindex.indexer.index_file import IndexInfo, IndexReader, LayerHits
+from actindex.indexer.index_file import IndexInfo, IndexReader, LayerHits, LayerProfile, UnitClasses
 from actindex.kernels.errors import UserError, not_found
 
 MANIFEST = "atlas.json"
@@ -141,6 +143,12 @@ class Layer:
     hits: LayerHits
     slug: str
     mean: np.ndarray | None  # (C,) mean score over the indexed images, when the index records it
+    profile: LayerProfile  # each unit's distribution and class selectivity (NaN where not recorded)
+
+    def level(self, unit: int) -> float | None:
+        """The unit's p99 score, which its masks are drawn at; None without a histogram."""
+        level = float(self.profile.p99[unit])
+        return level if np.isfinite(level) else None
 
     @property
     def name(self) -> str:
@@ -179,6 +187,7 @@ class Plan:
     image_pages: list[int]  # ids with a page, sorted
     neighbours: dict[int, list[tuple[int, float]]] | None  # per image page; None: the index has no FAISS file
     similarity_layer: str  # the layer the neighbours are nearest by
+    unit_classes: dict[str, dict[int, UnitClasses]] = field(default_factory=dict)  # of units with a page
 
     @property
     def ext(self) -> str:
@@ -206,7 +215,9 @@ class Plan:
     def unit_files(self, layer: str, unit: int) -> list[str]:
         """The images a unit page shows, whose presence means the unit's work is done."""
         count = self.hit_count(layer, unit)
-        names = [f"p{r}" for r in range(count)] + [f"g{r}" for r in range(count)]
+        names = [f"{kind}{r}" for kind in ("p", "g", "a") for r in range(count)]
+        if self.layers[layer].level(unit) is not None:
+            names += [f"m{r}" for r in range(count)]
         if unit in self.dreams.get(layer, set()):
             names.append("dream")
         return [self.unit_file(layer, unit, name) for name in names]

@@ -2,7 +2,8 @@
 nothing else, so tasks run in any order, in any process, and a crash loses at most the tasks in flight.
 
 - tiles:  a unit's best patch (p0), for every unit of a layer page, pages or not; no network needed;
-- units:  a unit's patches and guided-backprop crops for all its hits, and its dream; the hits' images are
+- units:  a unit's patches, guided-backprop crops and activation maps (with masks) for all its hits, and its
+          dream; the hits' images are
           decoded once per task, run through the network in fixed sub-batches, and checked against the index;
 - images: whole-image thumbnails for image pages and their neighbours.
 """
@@ -25,12 +26,14 @@ from actindex.kernels.errors import UserError
 
 from ..dream import DreamConfig, dream
 from ..loading import LoadedImage, data_root, load_index_images, load_index_model, query_numerics
+from ..maps import UnitMaps, layer_field
 from ..neuron import attribute, check_reproduced
-from ..render import map_image, patch
+from ..render import activation_pictures, map_image, patch
 from .plan import Plan
 
 PATCH = 128  # longest side of a stored patch or guided crop; smaller ones are stored as they are
 THUMB = 320  # longest side of a stored whole image
+MAP = 224  # longest side of a stored activation map or mask over a whole image
 QUALITY = 82  # WebP quality: patches are small, artefacts at 82 are hard to see
 
 
@@ -150,12 +153,19 @@ class Worker:
                 check_reproduced(layer, unit, [images[i].path for i in rows], recorded[rows], now[rows],
                                  plan.info.precision)
             guided = result.guided.cpu().numpy()  # (B, 3, S, S)
+            maps = result.maps.cpu().numpy()  # (B, H, W)
             for row, ((unit, rank), image) in enumerate(zip(batch, images, strict=True)):
                 y0, x0, y1, x1 = (int(v) for v in hits.box[unit, rank])
                 self.save(shrink(patch(image, (y0, x0, y1, x1)), PATCH), plan.unit_file(layer, unit, f"p{rank}"))
                 crop = map_image(guided[row][:, y0:y1, x0:x1])
                 self.save(shrink(crop, PATCH), plan.unit_file(layer, unit, f"g{rank}"))
-                outcome.files += 2
+                unit_maps = UnitMaps(maps[row:row + 1], layer_field(hits), plan.info.input_size,
+                                     plan.layers[layer].level(unit))
+                overlay, mask = activation_pictures(unit_maps, 0, image, float(hits.value[unit, 0]), MAP)
+                self.save(overlay, plan.unit_file(layer, unit, f"a{rank}"))
+                if mask is not None:
+                    self.save(mask, plan.unit_file(layer, unit, f"m{rank}"))
+                outcome.files += 3 + (mask is not None)
         for unit in units:
             if unit in plan.dreams.get(layer, set()):
                 self.save(self.dream(layer, unit), plan.unit_file(layer, unit, "dream"))
