@@ -49,21 +49,25 @@ def _device(requested: str | None) -> str:
 @click.option("--out", type=click.Path(path_type=Path),
               help="PNG to write. Default: LAYER-unitU.png here; with --json, none unless --out is given.")
 @click.option("--context", is_flag=True, help="Also show each whole image with the patch's box.")
+@click.option("--lowest", is_flag=True,
+              help="The unit's lowest-scoring images instead (indexes built with --bottom-k): what suppresses it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits and output paths as JSON.")
 @click.option("--save-maps", type=click.Path(path_type=Path),
-              help="Write the per-hit guided and gradient maps (network-input pixels) to this .npz.")
+              help="Write the per-hit guided, gradient and activation maps (and masks) to this .npz.")
 @click.option("--data-root", type=click.Path(path_type=Path), help="Where the images are now, if they moved.")
 @click.option("--weights", help="Where the index's weights file is now, if it moved (same contents).")
 @click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
-def neuron(index: Path, layer: str, unit: int, k: int | None, out: Path | None, context: bool, as_json: bool,
-           save_maps: Path | None, data_root: Path | None, weights: str | None, device: str | None) -> None:
+def neuron(index: Path, layer: str, unit: int, k: int | None, out: Path | None, context: bool, lowest: bool,
+           as_json: bool, save_maps: Path | None, data_root: Path | None, weights: str | None,
+           device: str | None) -> None:
     """A unit's top image patches, with guided backprop and gradients of each (Zeiler & Fergus style)."""
     from .neuron import describe_unguided, query_neuron
     from .neuron import save_maps as write_maps
     from .unit import profile_lines
 
-    result = query_neuron(index, layer, unit, k=k, data=data_root, weights=weights, device=_device(device))
-    out = _picture_path(out, as_json, f"{layer}-unit{unit}.png")
+    result = query_neuron(index, layer, unit, k=k, data=data_root, weights=weights, device=_device(device),
+                          lowest=lowest)
+    out = _picture_path(out, as_json, f"{layer}-unit{unit}{'-lowest' if lowest else ''}.png")
     if out is not None:
         from .render import neuron_sheet, save_png
 
@@ -77,7 +81,8 @@ def neuron(index: Path, layer: str, unit: int, k: int | None, out: Path | None, 
                                                                "maps": str(save_maps) if save_maps else None}},
                               indent=2))
         return
-    click.echo(f"{layer} unit {unit}: {len(result.hits)} hits, each activation reproduced from the image")
+    which = "lowest-scoring images" if lowest else "hits"
+    click.echo(f"{layer} unit {unit}: {len(result.hits)} {which}, each activation reproduced from the image")
     for line in profile_lines(result.distribution, result.classes):
         click.echo(f"  {line}")
     for hit in result.hits:

@@ -117,7 +117,7 @@ def run_demo(out: Path, images_per_photo: int = 16, workers: int = 2, device: st
     index = out / "index.h5"
     echo(f"Demo: {MODEL} with ImageNet weights ({weights}), photos in {images}")
     config = BuildConfig(data=images, model=MODEL, out=index, weights=str(weights), layers=LAYERS,
-                         embed_layer=EMBED_LAYER, batch_size=32,
+                         embed_layer=EMBED_LAYER, batch_size=32, bottom_k=3,
                          workers=workers, device=device, overwrite=overwrite)
     if overwrite or not index.exists():
         from actindex.indexer.cli import TqdmProgress
@@ -229,6 +229,13 @@ def tour(index: Path, echo: Echo = print) -> None:
         echo("\nWhich photos (the folders are the classes) they prefer, over all images, and how selectively:")
         for unit in (285, 967):
             echo(f"  class {unit} {categories[unit]!r}: {_profile(reader, LOGIT_LAYER, unit)}")
+        if reader.info.bottom_k:
+            lowest = reader.layer(LOGIT_LAYER, lowest=True)
+            echo("\nWhich images lower them most (--bottom-k; actindex neuron --lowest draws them):")
+            for unit in (285, 967):
+                hits = [f"{paths[i]} ({v:.1f})" for i, v in zip(lowest.image[unit], lowest.value[unit], strict=True)
+                        if i >= 0]
+                echo(f"  class {unit} {categories[unit]!r}: {', '.join(hits)}")
         for name in reader.layer_names:
             if name == LOGIT_LAYER:
                 continue

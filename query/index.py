@@ -37,7 +37,7 @@ class Index:
         self.info = self.reader.info
         self.data, self.weights, self.device = data, weights, device
         self._loaded: LoadedModel | None = None
-        self._layers: dict[str, LayerHits] = {}
+        self._layers: dict[tuple[str, bool], LayerHits] = {}
         self._similarity: dict[str | None, SimilarityIndex] = {}
 
     def __enter__(self) -> Index:
@@ -61,10 +61,11 @@ class Index:
             self._loaded = load_index_model(self.info, self.weights, self.device)
         return self._loaded
 
-    def layer(self, name: str) -> LayerHits:
-        if name not in self._layers:
-            self._layers[name] = self.reader.layer(name)
-        return self._layers[name]
+    def layer(self, name: str, lowest: bool = False) -> LayerHits:
+        """Layer `name`'s top-k table, or with `lowest` its lowest-k table (indexes built with --bottom-k)."""
+        if (name, lowest) not in self._layers:
+            self._layers[name, lowest] = self.reader.layer(name, lowest=lowest)
+        return self._layers[name, lowest]
 
     def paths(self, ids: Any) -> list[str]:
         return self.reader.paths_of(ids)
@@ -82,11 +83,12 @@ class Index:
             self._similarity[layer] = open_vector_index(self.reader, layer)
         return self._similarity[layer]
 
-    def neuron(self, layer: str, unit: int, k: int | None = None) -> NeuronResult:
-        """`actindex neuron`: the unit's top hits, each re-run through the network and checked, with their maps."""
+    def neuron(self, layer: str, unit: int, k: int | None = None, lowest: bool = False) -> NeuronResult:
+        """`actindex neuron`: the unit's top (or `lowest`) hits, each re-run through the network and checked, with
+        their maps."""
         from .neuron import unit_hits
 
-        return unit_hits(self, layer, unit, k)
+        return unit_hits(self, layer, unit, k, lowest)
 
     def similar(self, image: Path | None = None, image_id: int | None = None, k: int = 9, layer: str | None = None,
                 explain: bool = False, pictures: bool = True) -> SimilarResult:

@@ -122,6 +122,7 @@ class NeuronResult:
     unguided: dict[str, int] = field(default_factory=dict)
     distribution: UnitDistribution | None = None  # over the whole dataset; None for indexes from before it
     classes: UnitClasses | None = None  # per-class means; None without class folders
+    lowest: bool = False  # the hits are the unit's lowest-scoring images (--bottom-k), lowest first
 
     def to_json(self) -> dict[str, object]:
         return {"index": str(self.index), "layer": self.layer, "unit": self.unit, "channels": self.channels,
@@ -130,22 +131,25 @@ class NeuronResult:
                           "recomputed": h.recomputed, "position": [h.y, h.x], "box": list(h.box),
                           "box_original": list(h.box_original), "image_size": list(h.image_size)}
                          for h in self.hits],
-                "unguided_activations": self.unguided, **profile_json(self.distribution, self.classes)}
+                "lowest": self.lowest, "unguided_activations": self.unguided,
+                **profile_json(self.distribution, self.classes)}
 
 
 def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data: Path | None = None,
-                 weights: str | None = None, device: str = "cpu") -> NeuronResult:
-    """The unit's top hits from the index at `index`, each re-run through the network and checked, with their
-    maps; for many queries, open the index once (`actindex.query.index.Index`) and ask it."""
+                 weights: str | None = None, device: str = "cpu", lowest: bool = False) -> NeuronResult:
+    """The unit's top hits (or with `lowest`, its lowest: indexes built with --bottom-k) from the index at
+    `index`, each re-run through the network and checked, with their maps; for many queries, open the index
+    once (`actindex.query.index.Index`) and ask it."""
     from .index import Index
 
     with Index(index, data=data, weights=weights, device=device) as opened:
-        return unit_hits(opened, layer, unit, k)
+        return unit_hits(opened, layer, unit, k, lowest)
 
 
-def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None) -> NeuronResult:
-    """`Index.neuron`: the unit's top hits, each re-run through the network and checked, with their maps."""
-    hits, info, device = opened.layer(layer), opened.info, opened.device
+def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None, lowest: bool = False) -> NeuronResult:
+    """`Index.neuron`: the unit's top (or lowest) hits, each re-run through the network and checked, with their
+    maps."""
+    hits, info, device = opened.layer(layer, lowest), opened.info, opened.device
     if not 0 <= unit < hits.channels:
         raise UserError(f"unit {unit} is out of range: layer '{layer}' has {hits.channels} units "
                         f"(0-{hits.channels - 1})")
@@ -176,11 +180,11 @@ def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None) -> Neu
                         float(result.values[rank]), int(hits.y[unit][rank]), int(hits.x[unit][rank]),
                         box, geometry.to_original(box), (geometry.height, geometry.width)))  # type: ignore[arg-type]
     distribution = opened.reader.distribution(layer, unit)
-    maps = UnitMaps(result.maps.cpu().numpy(), layer_field(hits), input_size,
-                    None if distribution is None else distribution.quantiles[0.99])
+    level = None if distribution is None or lowest else distribution.quantiles[0.99]
+    maps = UnitMaps(result.maps.cpu().numpy(), layer_field(hits), input_size, level)
     return NeuronResult(opened.path, layer, unit, hits.channels, input_size, hits.rf_size, rows, images,
                         result.gradient.cpu().numpy(), result.guided.cpu().numpy(), maps, result.unguided,
-                        distribution, opened.reader.unit_classes(layer, unit))
+                        distribution, opened.reader.unit_classes(layer, unit), lowest)
 
 
 def check_reproduced(layer: str, unit: int, paths: list[str], recorded: np.ndarray, now: np.ndarray,

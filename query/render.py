@@ -152,7 +152,8 @@ def heat(values: np.ndarray) -> np.ndarray:
 def activation_pictures(maps: UnitMaps, rank: int, image: LoadedImage, best: float,
                         size: int = TILE) -> tuple[Image.Image, Image.Image | None]:
     """Hit `rank`'s whole original image, its longest side `size` pixels: (overlay, mask). The overlay shows the
-    unit's map in colour (0 dark, `best` light, the photo showing through where the unit is silent); the mask
+    unit's map in colour (0 dark, `best` light, the photo showing through where the unit is silent; a negative
+    `best` draws how far below 0 the map goes); the mask
     keeps the image where the map reaches the unit's p99 level, outlined (None for indexes without
     distributions). What the network input did not cover is faded in both."""
     (width, height), _, _ = _placement(image.original, size)
@@ -161,7 +162,7 @@ def activation_pictures(maps: UnitMaps, rank: int, image: LoadedImage, best: flo
                        dtype=np.float64)
     seen = ~np.isnan(activation)[..., None]
     faded = 0.3 * photo + 0.7 * FADED
-    strength = np.clip(np.nan_to_num(activation) / max(best, 1e-12), 0, 1)[..., None]
+    strength = np.clip(np.nan_to_num(activation) / best if best else np.zeros_like(activation), 0, 1)[..., None]
     alpha = 0.25 + 0.65 * strength  # the photo stays readable where the unit is silent
     overlay = np.where(seen, (1 - alpha) * photo + alpha * heat(strength[..., 0]), faded)
     mask = maps.masks(activation)
@@ -179,8 +180,9 @@ def picture(rgb: np.ndarray) -> Image.Image:
 
 def activation_tiles(result: NeuronResult, rank: int, size: int = TILE) -> tuple[Image.Image, Image.Image | None]:
     """`activation_pictures` of a neuron query's hit, each centred on a size x size tile; the colour scale ends at
-    the unit's best score."""
-    best = max(result.hits[0].score, float(np.nanmax(result.maps.maps)))
+    the unit's best score (for the lowest hits, at their lowest)."""
+    best = min(result.hits[0].score, float(np.nanmin(result.maps.maps))) if result.lowest else \
+        max(result.hits[0].score, float(np.nanmax(result.maps.maps)))
     overlay, mask = activation_pictures(result.maps, rank, result.images[rank], best, size)
     _, corner, _ = _placement(result.images[rank].original, size)
 
@@ -203,7 +205,8 @@ def neuron_sheet(result: NeuronResult, context: bool = False, columns: int = 9) 
     blocks = -(-n // columns)
     cell_h = len(rows) * (TILE + GAP) + LABEL
     width = columns * (TILE + GAP) + GAP
-    title = (f"{result.layer} unit {result.unit} of {result.channels}: top {n} images (receptive field "
+    which = "lowest" if result.lowest else "top"
+    title = (f"{result.layer} unit {result.unit} of {result.channels}: {which} {n} images (receptive field "
              f"{result.rf_size[0]}x{result.rf_size[1]} px); rows: {', '.join(rows)}")
     if masked:
         title += f" (p99 = {result.maps.level:.4g} over the dataset)"

@@ -4,7 +4,9 @@ Side by side, in one process, on the same in-memory batches and model:
   (a) forward   the bare forward pass under torch.inference_mode (normalization included);
   (b) actindex  IndexAccumulator.add_batch on the same layers, with the embedding copied to the host;
   (c) naive     forward hooks appending per-image channel maxima (and the embedding) to lists, one topk at
-                the end.
+                the end;
+  (b0) actindex-plain   (b) without the optional statistics (class sums over --classes, --bottom-k), when
+                they are on: the difference between b/a and b0/a is their cost.
 Rounds are interleaved (a, b, c, a, b, c, …) and the median time per variant is reported.
 
 Peak memory of (b) and (c) at N and 10·N images is measured in fresh child processes (peak RSS on the CPU,
@@ -67,12 +69,16 @@ class Bare:
 
 
 class Ours:
-    """(b) actindex's indexing step: running top-k, exact sums and score histograms on every layer, plus the
-    embedding fetched to the host."""
+    """(b) actindex's indexing step: running top-k, exact sums, score histograms and (with --classes) per-class
+    sums on every layer, (with --bottom-k) the lowest-k too, plus the embedding fetched to the host."""
 
-    def __init__(self, model: nn.Module, device: torch.device, channels: dict[str, int], k: int, images: int) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, channels: dict[str, int], k: int, images: int,
+                 classes: int = 0, bottom_k: int = 0) -> None:
         embed = list(channels)[-1]
-        self.acc = IndexAccumulator(model, channels, k, IMAGENET_MEAN, IMAGENET_STD, embed, device)
+        # Class folders: each image's label, as the build passes them (random over `classes`, ImageNet's 1 000).
+        labels = torch.randint(0, classes, (images,), generator=torch.Generator().manual_seed(0)) if classes else None
+        self.acc = IndexAccumulator(model, channels, k, IMAGENET_MEAN, IMAGENET_STD, embed, device,
+                                    labels=labels, classes=classes, bottom_k=bottom_k)
         # Embeddings go where the build puts them while streaming: a row file on disk, not memory.
         self.folder = tempfile.TemporaryDirectory()
         self.rows = RowSink(RowFile(Path(self.folder.name) / "rows", 0, images, channels[embed]))
@@ -82,7 +88,7 @@ class Ours:
         self.rows.push(int(ids[0]), len(ids), ids, self.acc.add_batch(pixels, ids))
 
     def finish(self) -> int:
-        """Bytes of the whole state it keeps: top-k, exact sums and score histograms (flat in N)."""
+        """Bytes of the whole state it keeps: top-k, exact sums, histograms, class sums, bottom-k (flat in N)."""
         self.rows.flush()
         return sum(t.numel() * t.element_size() for t in self.acc.state_dict().values())
 
@@ -124,11 +130,11 @@ def make_model(name: str, device: torch.device) -> nn.Module:
 
 
 def make_variant(kind: str, model: nn.Module, device: torch.device, channels: dict[str, int], k: int,  # noqa: ANN201
-                 images: int):
+                 images: int, args: argparse.Namespace):
     if kind == "forward":
         return Bare(model, device)
     if kind == "actindex":
-        return Ours(model, device, channels, k, images)
+        return Ours(model, device, channels, k, images, args.classes, args.bottom_k)
     return Naive(model, device, list(channels), k)
 
 
@@ -150,12 +156,15 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, floa
     channels = {name: g.channels for name, g in geometry.items()}
     data = batches(args.batches, args.batch_size, args.input_size, device)
     images = args.batches * args.batch_size
-    variants = {kind: make_variant(kind, model, device, channels, args.k, images) for kind in ("forward", "actindex")}
+    variants = {kind: make_variant(kind, model, device, channels, args.k, images, args)
+                for kind in ("forward", "actindex")}
+    if args.classes or args.bottom_k:  # what the optional statistics cost, measured in the same rounds
+        variants["actindex-plain"] = Ours(model, device, channels, args.k, images)
     # The naive variant's hooks stay registered for its lifetime, so it gets its own copy of the model.
-    variants["naive"] = make_variant("naive", make_model(args.model, device), device, channels, args.k, images)
-    times: dict[str, list[float]] = {kind: [] for kind in ("forward", "actindex", "naive")}
+    variants["naive"] = make_variant("naive", make_model(args.model, device), device, channels, args.k, images, args)
+    times: dict[str, list[float]] = {kind: [] for kind in variants}
     for round_ in range(args.rounds + 1):  # round 0 warms up (cudnn autotuning, allocator)
-        for kind in ("forward", "actindex", "naive"):
+        for kind in variants:
             variant = variants[kind]
             sync(device)
             start = time.perf_counter()
@@ -172,7 +181,8 @@ def child_memory(args: argparse.Namespace, kind: str, n_images: int) -> dict[str
     """Run one variant over n_images in a fresh process; report its peak memory."""
     command = [sys.executable, __file__, "--child", kind, "--child-images", str(n_images), "--model", args.model,
                "--layers", args.layers, "--batch-size", str(args.batch_size), "--input-size",
-               str(args.input_size), "--device", args.device, "--k", str(args.k)]
+               str(args.input_size), "--device", args.device, "--k", str(args.k), "--classes", str(args.classes),
+               "--bottom-k", str(args.bottom_k)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -189,7 +199,7 @@ def run_child(args: argparse.Namespace, device: torch.device) -> None:
     model = make_model(args.model, device)
     geometry = resolve_layers(model, args.layers.split(","), args.input_size, device)
     channels = {name: g.channels for name, g in geometry.items()}
-    variant = make_variant(args.child, model, device, channels, args.k, args.child_images)
+    variant = make_variant(args.child, model, device, channels, args.k, args.child_images, args)
     pixels = torch.randint(0, 256, (args.batch_size, 3, args.input_size, args.input_size), dtype=torch.uint8)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -254,6 +264,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="in-memory batches per timed round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--k", type=int, default=9)
+    parser.add_argument("--classes", type=int, default=1000, help="per-class sums over this many classes (0: none)")
+    parser.add_argument("--bottom-k", type=int, default=0, help="also keep the lowest k per unit")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory-images", type=int, default=64, help="N for the memory runs (N and 10·N)")
     parser.add_argument("--jpegs", type=int, default=128, help="images in the end-to-end folder (0: skip)")
@@ -269,13 +281,16 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{args.model} at {args.input_size} px, layers {args.layers}, batch {args.batch_size}, on {name}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}; class sums over {args.classes} classes, bottom-k {args.bottom_k}")
     speed = throughput(args, device)
     print("\nthroughput (images/s, median of interleaved rounds):")
     for kind, value in speed.items():
         print(f"  {kind:<10} {value:9.1f}")
     print(f"  ratio actindex/forward = {speed['actindex'] / speed['forward']:.3f}   (target >= 0.95)")
     print(f"  ratio actindex/naive   = {speed['actindex'] / speed['naive']:.3f}")
+    if "actindex-plain" in speed:
+        print(f"  ratio actindex-plain/forward = {speed['actindex-plain'] / speed['forward']:.3f}   (without class "
+              f"sums and bottom-k: their cost is the difference)")
     figures: dict[str, object] = {"device": name, "throughput": speed}
 
     print(f"\npeak memory at N = {args.memory_images} and 10·N = {10 * args.memory_images} images:")

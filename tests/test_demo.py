@@ -50,8 +50,11 @@ def test_demo_runs_end_to_end(demo_run: tuple[Path, str]) -> None:
     index = out / "index.h5"
     assert "class 285 'Egyptian cat': chelsea/" in text and "class 967 'espresso': coffee/" in text
     assert "Skipped coffee/coffee_truncated.jpg: truncated or corrupt image" in text
+    assert "class selectivity" in text and "Which images lower them most" in text
     with IndexReader(index) as reader:
         assert reader.layer_names == list(LAYERS)
+        lowest = reader.layer("classifier", lowest=True)
+        assert (lowest.value[285] < reader.layer("classifier").value[285].min()).all()
         assert reader.attrs["num_images"] == 2 * 19 + 1
     pictures = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")
                       if not p.relative_to(out).as_posix().startswith(("images/", "atlas/")))

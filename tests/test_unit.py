@@ -92,3 +92,31 @@ def test_a_wrong_file_is_refused(tmp_path: Path) -> None:
     bogus.write_bytes(np.arange(10).tobytes())
     result = CliRunner().invoke(main, ["unit", str(bogus), "--layer", "head", "--unit", "0"])
     assert result.exit_code != 0 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("layer", ["stem", "head"])
+def test_neuron_lowest_re_runs_and_draws_the_lowest_images(built: Path, tmp_path: Path, layer: str) -> None:
+    maps, picture = tmp_path / "low.npz", tmp_path / "low.png"
+    result = CliRunner().invoke(main, ["neuron", str(built), "--layer", layer, "--unit", "1", "--lowest", "--json",
+                                       "--save-maps", str(maps), "--out", str(picture)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    with IndexReader(built) as reader:
+        lowest = reader.layer(layer, lowest=True)
+    assert report["lowest"] is True
+    assert [h["image_id"] for h in report["hits"]] == lowest.image[1].tolist()
+    arrays = np.load(maps)
+    for rank, hit in enumerate(report["hits"]):
+        assert hit["recomputed"] == pytest.approx(hit["score"], rel=1e-4, abs=1e-5)
+        # the recorded score is the minimum of the unit's whole map, at the recorded position
+        assert float(arrays["activation"][rank].min()) == pytest.approx(hit["score"], rel=1e-5, abs=1e-6)
+        y, x = hit["position"]
+        assert float(arrays["activation"][rank][y, x]) == pytest.approx(hit["score"], rel=1e-5, abs=1e-6)
+    assert "mask_input" not in arrays  # masks mark the unit's top level, not its lowest
+    assert picture.is_file()
+
+
+def test_neuron_lowest_needs_bottom_k(built: Path, tmp_path: Path) -> None:
+    plain = run_build(built.parent / "data", built.parent / "tiny.pt", tmp_path / "plain.h5", k=3, layers=("head",))
+    result = CliRunner().invoke(main, ["neuron", str(plain), "--layer", "head", "--unit", "0", "--lowest"])
+    assert result.exit_code != 0 and "--bottom-k" in result.output and "Traceback" not in result.output
