@@ -51,22 +51,44 @@ def _device(requested: str | None) -> str:
 @click.option("--context", is_flag=True, help="Also show each whole image with the patch's box.")
 @click.option("--lowest", is_flag=True,
               help="The unit's lowest-scoring images instead (indexes built with --bottom-k): what suppresses it.")
+@click.option("--methods", default="guided,gradient", show_default=True,
+              help="Attribution maps, in order: guided, gradient, gradient-x-input, integrated-gradients, grad-cam, "
+                   "occlusion.")
+@click.option("--cam-layer", help="For grad-cam: the layer (running before the unit's) whose maps it weighs.")
+@click.option("--ig-steps", default=32, show_default=True, type=int, help="Integrated gradients' steps.")
+@click.option("--ig-baseline", type=click.Choice(["mean", "black"]), default="mean", show_default=True,
+              help="Integrated gradients' start: the normalization's mean colour, or black.")
+@click.option("--occlusion-patch", type=int, help="Occlusion's patch side in input pixels. Default: a sixth of "
+                                                    "the receptive field's.")
+@click.option("--occlusion-stride", type=int, help="Occlusion's step. Default: half the patch.")
+@click.option("--sanity", is_flag=True, help="Re-run the methods with the weights up to the unit randomized in "
+                                             "cascade (Adebayo et al. 2018) and report how much each map changes.")
+@click.option("--sanity-steps", default=5, show_default=True, type=int, help="Steps of the cascade.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits and output paths as JSON.")
 @click.option("--save-maps", type=click.Path(path_type=Path),
-              help="Write the per-hit guided, gradient and activation maps (and masks) to this .npz.")
+              help="Write the per-hit attribution and activation maps (and masks) to this .npz.")
 @click.option("--data-root", type=click.Path(path_type=Path), help="Where the images are now, if they moved.")
 @click.option("--weights", help="Where the index's weights file is now, if it moved (same contents).")
 @click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
 def neuron(index: Path, layer: str, unit: int, k: int | None, out: Path | None, context: bool, lowest: bool,
-           as_json: bool, save_maps: Path | None, data_root: Path | None, weights: str | None,
-           device: str | None) -> None:
-    """A unit's top image patches, with guided backprop and gradients of each (Zeiler & Fergus style)."""
+           methods: str, cam_layer: str | None, ig_steps: int, ig_baseline: str, occlusion_patch: int | None,
+           occlusion_stride: int | None, sanity: bool, sanity_steps: int, seed: int, as_json: bool,
+           save_maps: Path | None, data_root: Path | None, weights: str | None, device: str | None) -> None:
+    """A unit's top image patches, with attribution maps of each (guided backprop and gradient by default)."""
+    from actindex.kernels.errors import UserError
+
+    from .attribution import Baseline, Settings, parse_methods
     from .neuron import describe_unguided, query_neuron
     from .neuron import save_maps as write_maps
     from .unit import profile_lines
 
+    if sanity and sanity_steps < 1:
+        raise UserError(f"--sanity-steps must be at least 1, got {sanity_steps}")
+    settings = Settings(parse_methods(methods), cam_layer, ig_steps, Baseline(ig_baseline), occlusion_patch,
+                        occlusion_stride)
     result = query_neuron(index, layer, unit, k=k, data=data_root, weights=weights, device=_device(device),
-                          lowest=lowest)
+                          lowest=lowest, settings=settings, sanity=sanity_steps if sanity else 0, seed=seed)
     out = _picture_path(out, as_json, f"{layer}-unit{unit}{'-lowest' if lowest else ''}.png")
     if out is not None:
         from .render import neuron_sheet, save_png
@@ -85,6 +107,15 @@ def neuron(index: Path, layer: str, unit: int, k: int | None, out: Path | None, 
     click.echo(f"{layer} unit {unit}: {len(result.hits)} {which}, each activation reproduced from the image")
     for line in profile_lines(result.distribution, result.classes):
         click.echo(f"  {line}")
+    if result.sanity is not None:
+        click.echo("  sanity check: rank correlation with the trained network's maps as the weights up to the unit "
+                   "are randomized, step by step (1.0: unchanged)")
+        for step, names in enumerate(result.sanity.step_names(), 1):
+            click.echo(f"    step {step}: {names}")
+        for method, values in result.sanity.spearman.items():
+            flag = "  (!) barely changes: it shows the image more than the unit" \
+                if method in result.sanity.flagged else ""
+            click.echo(f"    {method.label:<22} " + " ".join(f"{v:5.2f}" for v in values) + flag)
     for hit in result.hits:
         click.echo(f"  #{hit.rank + 1} {hit.score:9.4g}  {hit.path}  box {list(hit.box)} "
                    f"(original pixels {list(hit.box_original)})")

@@ -16,81 +16,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from actindex.indexer.atomic import atomic_path
 from actindex.indexer.choices import Precision
 from actindex.indexer.images import Normalize
 from actindex.indexer.index_file import UnitClasses, UnitDistribution
-from actindex.indexer.taps import layer_value
 from actindex.kernels.errors import UserError
-from actindex.kernels.freeze import frozen
-from actindex.kernels.guided import GuidedBackprop
 
+from .attribution import DEFAULT, Method, Settings, attribute_methods
 from .loading import LoadedImage, query_numerics
 from .maps import UnitMaps, layer_field
+from .sanity import SanityResult, sanity_check
 from .unit import profile_json
 
 if TYPE_CHECKING:
     from .index import Index
-
-def unit_activations(model: nn.Module, layer: str, unit: int | torch.Tensor, x: torch.Tensor, ys: torch.Tensor,
-                     xs: torch.Tensor) -> torch.Tensor:
-    """(B,) activation of `unit` of `layer` at positions (ys[b], xs[b]) for the batch `x`, differentiable.
-
-    `unit` is one channel for the whole batch, or a (B,) tensor of channels, one per image."""
-    return unit_activations_and_maps(model, layer, unit, x, ys, xs)[0]
-
-
-def unit_activations_and_maps(model: nn.Module, layer: str, unit: int | torch.Tensor, x: torch.Tensor,
-                              ys: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`unit_activations`, and each image's whole map of its unit, (B, H, W) float32 detached ((B, 1, 1) for
-    layers without spatial extent)."""
-
-    def pick(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(out.shape[0], device=out.device)
-        channels = unit.to(out.device) if isinstance(unit, torch.Tensor) else unit
-        if out.ndim == 4:  # (B, C, H, W)
-            maps = out[rows, channels]  # (B, H, W)
-            return maps[rows, ys.to(out.device), xs.to(out.device)], maps.detach().float()
-        if out.ndim == 2:  # (B, C): one position
-            values = out[rows, channels]
-            return values, values.detach().float()[:, None, None]
-        raise UserError(f"layer '{layer}' gives {out.ndim}-D outputs; choose a convolutional or linear layer")
-
-    return layer_value(model, layer, x, pick)
-
-
-@dataclass
-class Attribution:
-    values: torch.Tensor  # (B,) float32, the unit's activation per image
-    gradient: torch.Tensor | None  # (B, 3, S, S) plain gradient; None when not asked for
-    guided: torch.Tensor  # (B, 3, S, S) guided backpropagation
-    maps: torch.Tensor  # (B, H, W) float32, each image's whole map of its unit
-    unguided: dict[str, int]  # activations guided backprop is not defined for, and how often they ran
-
-
-def attribute(model: nn.Module, layer: str, unit: int | torch.Tensor, x: torch.Tensor, ys: torch.Tensor,
-              xs: torch.Tensor, plain: bool = True) -> Attribution:
-    """Plain gradient (unless `plain` is False) and guided backprop of a unit, for all images of a batch in one
-    backward pass each; `unit` may be a (B,) tensor giving each image its own channel.
-
-    `x` is the normalized (B, 3, S, S) input. Images do not interact (eval mode, `frozen`), so summing the
-    per-image activations before `backward` gives each image its own gradient.
-    """
-    with frozen(model):
-        gradient = None
-        if plain:
-            plain_input = x.detach().clone().requires_grad_(True)
-            values = unit_activations(model, layer, unit, plain_input, ys, xs)
-            (gradient,) = torch.autograd.grad(values.sum(), plain_input)
-        guided_input = x.detach().clone().requires_grad_(True)
-        with GuidedBackprop() as mode:
-            guided_values, maps = unit_activations_and_maps(model, layer, unit, guided_input, ys, xs)
-        (guided,) = torch.autograd.grad(guided_values.sum(), guided_input)
-    # float32 values whatever the network computed in (under autocast the layer may give bf16 or fp16)
-    return Attribution(guided_values.detach().float(), gradient, guided, maps, dict(mode.unguided))
-
 
 @dataclass(frozen=True)
 class Hit:
@@ -116,13 +56,22 @@ class NeuronResult:
     rf_size: tuple[int, int]
     hits: list[Hit]
     images: list[LoadedImage]
-    gradient: np.ndarray  # (n, 3, S, S) float32
-    guided: np.ndarray  # (n, 3, S, S) float32
+    attributions: dict[Method, np.ndarray]  # per method asked, (n, 3 or 1, S, S) float32 in input pixels
     maps: UnitMaps  # where in each hit's image the unit fires
     unguided: dict[str, int] = field(default_factory=dict)
     distribution: UnitDistribution | None = None  # over the whole dataset; None for indexes from before it
     classes: UnitClasses | None = None  # per-class means; None without class folders
     lowest: bool = False  # the hits are the unit's lowest-scoring images (--bottom-k), lowest first
+    sanity: SanityResult | None = None  # with --sanity: do the maps depend on the weights?
+    cam_layer: str | None = None  # the layer grad-cam was taken from
+
+    @property
+    def guided(self) -> np.ndarray:
+        return self.attributions[Method.GUIDED]
+
+    @property
+    def gradient(self) -> np.ndarray:
+        return self.attributions[Method.GRADIENT]
 
     def to_json(self) -> dict[str, object]:
         return {"index": str(self.index), "layer": self.layer, "unit": self.unit, "channels": self.channels,
@@ -131,24 +80,29 @@ class NeuronResult:
                           "recomputed": h.recomputed, "position": [h.y, h.x], "box": list(h.box),
                           "box_original": list(h.box_original), "image_size": list(h.image_size)}
                          for h in self.hits],
-                "lowest": self.lowest, "unguided_activations": self.unguided,
+                "lowest": self.lowest, "methods": [m.value for m in self.attributions],
+                "cam_layer": self.cam_layer, "unguided_activations": self.unguided,
+                "sanity": None if self.sanity is None else self.sanity.to_json(),
                 **profile_json(self.distribution, self.classes)}
 
 
 def query_neuron(index: Path, layer: str, unit: int, k: int | None = None, data: Path | None = None,
-                 weights: str | None = None, device: str = "cpu", lowest: bool = False) -> NeuronResult:
+                 weights: str | None = None, device: str = "cpu", lowest: bool = False,
+                 settings: Settings = DEFAULT, sanity: int = 0, seed: int = 0) -> NeuronResult:
     """The unit's top hits (or with `lowest`, its lowest: indexes built with --bottom-k) from the index at
     `index`, each re-run through the network and checked, with their maps; for many queries, open the index
     once (`actindex.query.index.Index`) and ask it."""
     from .index import Index
 
     with Index(index, data=data, weights=weights, device=device) as opened:
-        return unit_hits(opened, layer, unit, k, lowest)
+        return unit_hits(opened, layer, unit, k, lowest, settings, sanity, seed)
 
 
-def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None, lowest: bool = False) -> NeuronResult:
-    """`Index.neuron`: the unit's top (or lowest) hits, each re-run through the network and checked, with their
-    maps."""
+def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None, lowest: bool = False,
+              settings: Settings = DEFAULT, sanity: int = 0, seed: int = 0) -> NeuronResult:
+    """`Index.neuron`: the unit's top (or lowest) hits, each re-run through the network and checked, with the
+    maps of `settings.methods`; with `sanity` > 0, the cascading-randomization check in that many steps."""
+    settings.check(layer)
     hits, info, device = opened.layer(layer, lowest), opened.info, opened.device
     if not 0 <= unit < hits.channels:
         raise UserError(f"unit {unit} is out of range: layer '{layer}' has {hits.channels} units "
@@ -163,15 +117,22 @@ def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None, lowest
     input_size = info.input_size
     images = opened.images(ids)
     loaded = opened.loaded
-    x = Normalize(info.mean, info.std, device)(torch.stack([image.pixels for image in images]))
+    normalize = Normalize(info.mean, info.std, device)
+    x = normalize(torch.stack([image.pixels for image in images]))
     ys = torch.as_tensor(hits.y[unit][:count], dtype=torch.int64)
     xs = torch.as_tensor(hits.x[unit][:count], dtype=torch.int64)
+    boxes = [(int(a), int(b), int(c), int(d)) for a, b, c, d in hits.box[unit][:count]]
+    black = normalize.bounds()[0]
     with query_numerics(info, device).running(torch.device(device)):
-        result = attribute(loaded.module, layer, unit, x, ys, xs)
+        result = attribute_methods(loaded.module, layer, unit, x, ys, xs, boxes, settings, black)
     recorded = hits.value[unit][:count]
     check_reproduced(layer, unit, [images[i].path for i in range(count)], recorded, result.values.cpu().numpy(),
                      info.precision)
-    assert result.gradient is not None
+    checked = None
+    if sanity > 0:
+        with query_numerics(info, device).running(torch.device(device)):
+            checked = sanity_check(loaded.module, layer, unit, x, ys, xs, boxes, settings,
+                                   result.maps, sanity, seed, black)
     rows = []
     for rank in range(count):
         box = tuple(int(v) for v in hits.box[unit][rank])
@@ -181,10 +142,11 @@ def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None, lowest
                         box, geometry.to_original(box), (geometry.height, geometry.width)))  # type: ignore[arg-type]
     distribution = opened.reader.distribution(layer, unit)
     level = None if distribution is None or lowest else distribution.quantiles[0.99]
-    maps = UnitMaps(result.maps.cpu().numpy(), layer_field(hits), input_size, level)
+    maps = UnitMaps(result.unit_maps.cpu().numpy(), layer_field(hits), input_size, level)
     return NeuronResult(opened.path, layer, unit, hits.channels, input_size, hits.rf_size, rows, images,
-                        result.gradient.cpu().numpy(), result.guided.cpu().numpy(), maps, result.unguided,
-                        distribution, opened.reader.unit_classes(layer, unit), lowest)
+                        {m: t.numpy() for m, t in result.maps.items()}, maps, result.unguided, distribution,
+                        opened.reader.unit_classes(layer, unit), lowest, checked,
+                        settings.cam_layer if Method.GRAD_CAM in settings.methods else None)
 
 
 def check_reproduced(layer: str, unit: int, paths: list[str], recorded: np.ndarray, now: np.ndarray,
@@ -206,7 +168,7 @@ def save_maps(result: NeuronResult, path: Path) -> None:
     its original image's pixels (NaN outside the crop); masks are where the map reaches the unit's p99 `level`."""
     at_input = result.maps.at_input()  # (n, S, S)
     arrays: dict[str, Any] = {
-        "guided": result.guided.astype(np.float32), "gradient": result.gradient.astype(np.float32),
+        **{method.value: values.astype(np.float32) for method, values in result.attributions.items()},
         "activation": result.maps.maps, "activation_input": at_input,
         "image_id": np.array([h.image_id for h in result.hits], dtype=np.int64),
         "score": np.array([h.score for h in result.hits], dtype=np.float32),

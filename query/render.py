@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from actindex.indexer.atomic import atomic_path
 
 if TYPE_CHECKING:
+    from .attribution import Method
     from .loading import LoadedImage
     from .maps import UnitMaps
     from .neuron import NeuronResult
@@ -95,9 +96,19 @@ def draw_box(draw: ImageDraw.ImageDraw, box: tuple[float, float, float, float]) 
     draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=BACKGROUND, width=1)
 
 
+def method_label(result: NeuronResult, method: Method) -> str:
+    """A map row's name, with the Grad-CAM layer, and '(!)' when the sanity check flagged the method."""
+    label = f"{method.label} of {result.cam_layer}" if method.value == "grad-cam" else method.label
+    if result.sanity is not None and method in result.sanity.flagged:
+        label += " (!)"
+    return label
+
+
 def map_image(values: np.ndarray, percentile: float = 99.5) -> Image.Image:
     """(3, h, w) signed map -> RGB picture, 0 at mid-grey, full scale at the `percentile` of its magnitudes
-    (a few extreme pixels would otherwise leave the rest of the map flat grey)."""
+    (a few extreme pixels would otherwise leave the rest of the map flat grey); a (1, h, w) map is grey."""
+    if values.shape[0] == 1:
+        values = np.repeat(values, 3, axis=0)
     magnitude = np.abs(values)
     peak = float(np.percentile(magnitude, percentile)) or float(magnitude.max())
     scaled = values / peak if peak > 0 else np.zeros_like(values)
@@ -198,8 +209,9 @@ def neuron_sheet(result: NeuronResult, context: bool = False, columns: int = 9) 
     """A grid with one column per hit: patch, guided backprop, gradient, the unit's map over the whole image and
     the region above its p99 level (and the whole image with the patch's box)."""
     masked = result.maps.level is not None
-    rows = (["patch", "guided backprop", "gradient", "activation map"] + (["above p99"] if masked else [])
-            + (["image"] if context else []))
+    methods = list(result.attributions)
+    rows = (["patch"] + [method_label(result, m) for m in methods] + ["activation map"]
+            + (["above p99"] if masked else []) + (["image"] if context else []))
     n = len(result.hits)
     columns = min(columns, n)
     blocks = -(-n // columns)
@@ -210,6 +222,11 @@ def neuron_sheet(result: NeuronResult, context: bool = False, columns: int = 9) 
              f"{result.rf_size[0]}x{result.rf_size[1]} px); rows: {', '.join(rows)}")
     if masked:
         title += f" (p99 = {result.maps.level:.4g} over the dataset)"
+    if result.sanity is not None:
+        title += (f". Sanity check (weights up to the unit randomized in {len(result.sanity.steps)} steps): "
+                  + "; ".join(f"{m.label} rank correlation {result.sanity.spearman[m][-1]:.2f}"
+                              for m in methods) + ". (!) marks maps that barely change: they show the image more "
+                  "than the unit")
     header = title_height(title, width)
     sheet = Image.new("RGB", (width, header + blocks * cell_h + GAP), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
@@ -221,8 +238,9 @@ def neuron_sheet(result: NeuronResult, context: bool = False, columns: int = 9) 
         top = header + block * cell_h
         y0, x0, y1, x1 = hit.box
         overlay, mask = activation_tiles(result, rank)
-        tiles = [fit(patch(result.images[rank], hit.box)), fit(map_image(result.guided[rank][:, y0:y1, x0:x1])),
-                 fit(map_image(result.gradient[rank][:, y0:y1, x0:x1])), overlay] + ([mask] if mask else [])
+        tiles = ([fit(patch(result.images[rank], hit.box))]
+                 + [fit(map_image(result.attributions[m][rank][:, y0:y1, x0:x1])) for m in methods]
+                 + [overlay] + ([mask] if mask else []))
         if context:
             tiles.append(context_tile(result, rank))
         for row, tile in enumerate(tiles):

@@ -29,8 +29,9 @@ from actindex.indexer.build import BuildConfig, build_index
 from actindex.indexer.images import Normalize
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
+from actindex.query.attribution import attribute
 from actindex.query.loading import load_index_model
-from actindex.query.neuron import attribute, query_neuron
+from actindex.query.neuron import query_neuron
 from actindex.query.render import neuron_sheet, save_png
 
 

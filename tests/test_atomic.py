@@ -32,12 +32,13 @@ def test_writers_of_pictures_and_maps_leave_nothing_behind_when_they_fail(tmp_pa
     with pytest.raises(OSError, match="disk full"):
         save_png(Image.new("RGB", (4, 4)), tmp_path / "a.png")
     monkeypatch.setattr(np, "savez_compressed", broken)
+    from actindex.query.attribution import Method
     from actindex.query.maps import UnitMaps
     from actindex.query.neuron import NeuronResult, save_maps
 
     empty = np.zeros((0, 3, 4, 4), dtype=np.float32)
     none = UnitMaps(np.zeros((0, 1, 1), dtype=np.float32), ((4, 1, 0), (4, 1, 0)), 4, 1.0)
     with pytest.raises(OSError, match="disk full"):
-        save_maps(NeuronResult(tmp_path / "i.h5", "l", 0, 1, 4, (1, 1), [], [], empty, empty, none),
+        save_maps(NeuronResult(tmp_path / "i.h5", "l", 0, 1, 4, (1, 1), [], [], {Method.GUIDED: empty}, none),
                   tmp_path / "m.npz")
     assert list(tmp_path.iterdir()) == []

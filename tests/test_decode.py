@@ -28,9 +28,10 @@ from actindex.indexer.precision import Numerics, choose_numerics
 from actindex.kernels.errors import UserError
 from actindex.kernels.spatial import spatial_max
 from actindex.query import AtlasConfig, build_atlas
+from actindex.query.attribution import attribute
 from actindex.query.cli import main as cli
 from actindex.query.index import Index
-from actindex.query.neuron import attribute, check_reproduced
+from actindex.query.neuron import check_reproduced
 
 from corpus import make_corpus, smooth_rgb
 from helpers import LAYERS, SIZE, make_images

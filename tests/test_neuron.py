@@ -17,8 +17,9 @@ from torchvision import transforms
 from actindex.indexer.index_file import IndexReader
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
 from actindex.kernels.errors import UserError
+from actindex.query.attribution import attribute
 from actindex.query.cli import main
-from actindex.query.neuron import attribute, query_neuron
+from actindex.query.neuron import query_neuron
 from actindex.query.render import TILE, neuron_sheet, patch
 
 from helpers import SIZE, tiny_index

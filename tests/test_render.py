@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from actindex.indexer.images import crop_geometry, preprocess
+from actindex.query.attribution import Method
 from actindex.query.loading import LoadedImage
 from actindex.query.maps import UnitMaps
 from actindex.query.neuron import Hit, NeuronResult
@@ -29,7 +30,7 @@ def result_for(pictures: list[Image.Image], boxes: list[tuple[int, int, int, int
     maps = np.zeros((len(pictures), 3, SIZE, SIZE), dtype=np.float32)
     activation = UnitMaps(np.ones((len(pictures), 2, 2), dtype=np.float32), ((16, 16, 0), (16, 16, 0)), SIZE, 0.5)
     return NeuronResult(Path("i.h5"), "layer_with_a_long_name.features.3", 7, 512, SIZE, (SIZE, SIZE), hits,
-                        images, maps, maps, activation)
+                        images, {Method.GUIDED: maps, Method.GRADIENT: maps}, activation)
 
 
 def test_labels_draw_latin_1_and_beyond_from_a_packaged_font() -> None:

@@ -24,10 +24,11 @@ from actindex.indexer.atomic import atomic_write
 from actindex.indexer.images import Normalize
 from actindex.kernels.errors import UserError
 
+from ..attribution import attribute
 from ..dream import DreamConfig, dream
 from ..loading import LoadedImage, data_root, load_index_images, load_index_model, query_numerics
 from ..maps import UnitMaps, layer_field
-from ..neuron import attribute, check_reproduced
+from ..neuron import check_reproduced
 from ..render import activation_pictures, map_image, patch
 from .plan import Plan
 
