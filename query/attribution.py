@@ -71,31 +71,38 @@ def unit_activations_and_maps(model: nn.Module, layer: str, unit: int | torch.Te
 class Attribution:
     values: torch.Tensor  # (B,) float32, the unit's activation per image
     gradient: torch.Tensor | None  # (B, 3, S, S) plain gradient; None when not asked for
-    guided: torch.Tensor  # (B, 3, S, S) guided backpropagation
+    guided: torch.Tensor | None  # (B, 3, S, S) guided backpropagation; None when not asked for
     maps: torch.Tensor  # (B, H, W) float32, each image's whole map of its unit
     unguided: dict[str, int]  # activations guided backprop is not defined for, and how often they ran
 
 
 def attribute(model: nn.Module, layer: str, unit: int | torch.Tensor, x: torch.Tensor, ys: torch.Tensor,
-              xs: torch.Tensor, plain: bool = True) -> Attribution:
-    """Plain gradient (unless `plain` is False) and guided backprop of a unit, for all images of a batch in one
-    backward pass each; `unit` may be a (B,) tensor giving each image its own channel.
+              xs: torch.Tensor, plain: bool = True, guided: bool = True) -> Attribution:
+    """Plain gradient and guided backprop of a unit (each unless turned off), for all images of a batch in one
+    backward pass each, and always the unit's values and whole maps; `unit` may be a (B,) tensor giving each
+    image its own channel.
 
     `x` is the normalized (B, 3, S, S) input. Images do not interact (eval mode, `frozen`), so summing the
     per-image activations before `backward` gives each image its own gradient.
     """
+    gradient = guided_map = None
+    unguided: dict[str, int] = {}
     with frozen(model):
-        gradient = None
         if plain:
             plain_input = x.detach().clone().requires_grad_(True)
-            values = unit_activations(model, layer, unit, plain_input, ys, xs)
+            values, maps = unit_activations_and_maps(model, layer, unit, plain_input, ys, xs)
             (gradient,) = torch.autograd.grad(values.sum(), plain_input)
-        guided_input = x.detach().clone().requires_grad_(True)
-        with GuidedBackprop() as mode:
-            guided_values, maps = unit_activations_and_maps(model, layer, unit, guided_input, ys, xs)
-        (guided,) = torch.autograd.grad(guided_values.sum(), guided_input)
+        if guided:
+            guided_input = x.detach().clone().requires_grad_(True)
+            with GuidedBackprop() as mode:
+                values, maps = unit_activations_and_maps(model, layer, unit, guided_input, ys, xs)
+            (guided_map,) = torch.autograd.grad(values.sum(), guided_input)
+            unguided = dict(mode.unguided)
+        if not plain and not guided:
+            with torch.no_grad():
+                values, maps = unit_activations_and_maps(model, layer, unit, x, ys, xs)
     # float32 values whatever the network computed in (under autocast the layer may give bf16 or fp16)
-    return Attribution(guided_values.detach().float(), gradient, guided, maps, dict(mode.unguided))
+    return Attribution(values.detach().float(), gradient, guided_map, maps, unguided)
 
 
 class Method(str, enum.Enum):
@@ -150,7 +157,7 @@ class Settings:
     baseline: Baseline = Baseline.MEAN  # integrated gradients' starting point
     patch: int | None = None  # occlusion's square patch side (input pixels); default: a sixth of the box's side
     stride: int | None = None  # occlusion's step; default: half the patch
-    chunk: int = 64  # images per forward pass for integrated gradients and occlusion
+    chunk: int = 16  # images per forward pass for integrated gradients and occlusion (more was slower on a CPU)
 
     def check(self, layer: str) -> None:
         if Method.GRAD_CAM in self.methods and not self.cam_layer:
@@ -181,15 +188,19 @@ def attribute_methods(model: nn.Module, layer: str, unit: int | torch.Tensor, x:
     fields in input pixels (occlusion slides over them); `black` (1, 3, 1, 1) is pixel value 0 normalized (for
     the black baseline)."""
     settings.check(layer)
-    base = attribute(model, layer, unit, x, ys, xs, plain=True)
-    assert base.gradient is not None
+    methods = settings.methods
+    plain = Method.GRADIENT in methods or Method.GRADIENT_X_INPUT in methods
+    base = attribute(model, layer, unit, x, ys, xs, plain=plain, guided=Method.GUIDED in methods)
     maps: dict[Method, torch.Tensor] = {}
-    for method in settings.methods:
+    for method in methods:
         if method is Method.GUIDED:
+            assert base.guided is not None
             maps[method] = base.guided
         elif method is Method.GRADIENT:
+            assert base.gradient is not None
             maps[method] = base.gradient
         elif method is Method.GRADIENT_X_INPUT:
+            assert base.gradient is not None
             maps[method] = base.gradient * x
         elif method is Method.INTEGRATED_GRADIENTS:
             if settings.baseline is Baseline.BLACK and black is None:

@@ -322,15 +322,19 @@ def similar(index: Path, image: Path | None, image_id: int | None, k: int, layer
 @click.option("--format", "image_format", type=click.Choice(["webp", "png"]), default="webp", show_default=True,
               help="Picture format.")
 @click.option("--overwrite", is_flag=True, help="Replace a site that was built from another index.")
+@click.option("--methods", help="Attribution maps on the unit pages, as for neuron (guided, gradient, "
+                                "gradient-x-input, integrated-gradients, grad-cam, occlusion). Default: the site's "
+                                "(guided at first).")
+@click.option("--cam-layer", help="For grad-cam: a layer that runs before every layer of the atlas.")
 @click.option("--data-root", type=click.Path(path_type=Path), help="Where the images are now, if they moved.")
 @click.option("--weights", help="Where the index's weights file is now, if it moved (same contents).")
 @click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
 @click.option("--crash-after", type=int, hidden=True, help="Testing: stop after this many tasks.")
 @click.option("--kill-worker", hidden=True, help="Testing: TASK[:ATTEMPTS], the worker running that task dies.")
 def atlas(index: Path, out: Path, layers: str | None, units: str | None, dream: bool, jobs: int,
-          batch_size: int | None,
-          image_format: str, overwrite: bool, data_root: Path | None, weights: str | None, device: str | None,
-          crash_after: int | None, kill_worker: str | None) -> None:
+          batch_size: int | None, image_format: str, overwrite: bool, methods: str | None, cam_layer: str | None,
+          data_root: Path | None, weights: str | None, device: str | None, crash_after: int | None,
+          kill_worker: str | None) -> None:
     """A static website of the index: every layer, unit and hit image, with guided backprop and similar images.
 
     Run it again with more --layers or --units to extend a site; an interrupted build continues where it
@@ -339,11 +343,13 @@ def atlas(index: Path, out: Path, layers: str | None, units: str | None, dream: 
     from .atlas import AtlasConfig, build_atlas
     from .atlas.build import AtlasFault
     from .atlas.pool import KillTask
+    from .attribution import parse_methods
 
     fault = AtlasFault(crash_after, KillTask(*(int(n) for n in kill_worker.split(":"))) if kill_worker else None)
     config = AtlasConfig(index=index, out=out, layers=tuple(_names(layers)) if layers else None, units=units,
                          dream=dream, jobs=jobs, batch_size=batch_size, device=_device(device), data=data_root,
-                         weights=weights, image_format=image_format, overwrite=overwrite)
+                         weights=weights, image_format=image_format, overwrite=overwrite,
+                         methods=parse_methods(methods) if methods else None, cam_layer=cam_layer)
     summary = build_atlas(config, progress=True, fault=fault)
     click.echo(f"Atlas of {summary.layers} layers: {summary.unit_pages} unit pages ({summary.units_computed} made "
                f"now), {summary.image_pages} image pages; {summary.files} files, "

@@ -27,6 +27,7 @@ from actindex.query.atlas.build import AtlasFault, InjectedCrash
 from actindex.query.atlas.plan import parse_units
 from actindex.query.atlas.pool import KillTask
 from actindex.query.atlas.work import MAP
+from actindex.query.attribution import Method, Settings
 from actindex.query.cli import main
 from actindex.query.neuron import query_neuron
 from actindex.query.render import activation_pictures, map_image
@@ -175,6 +176,30 @@ def test_activation_maps_and_masks_are_the_neuron_querys(built: tuple[Path, Path
                 expected = np.asarray(picture).astype(int)
                 assert saved.shape == expected.shape and max(saved.shape[:2]) == MAP
                 assert np.abs(saved - expected).max() <= 1
+
+
+def test_the_methods_chosen_are_drawn_kept_and_equal_the_neuron_querys(built: tuple[Path, Path, Path],
+                                                                        tmp_path: Path) -> None:
+    index, out = built[0], tmp_path / "site"
+    chosen = (Method.GRADIENT_X_INPUT, Method.GRAD_CAM, Method.OCCLUSION)
+    build_atlas(config(index, out, layers=("down",), units="2", methods=chosen, cam_layer="stem"))
+    build_atlas(config(index, out, layers=("down", "head"), units="down:2,head:1"))  # keeps the site's methods
+    manifest = json.loads((out / "atlas.json").read_text())
+    assert manifest["methods"] == [m.value for m in chosen] and manifest["cam_layer"] == "stem"
+    result = query_neuron(index, "down", 2, device="cpu",
+                          settings=Settings(chosen, cam_layer="stem"))
+    page = (out / "units" / "down" / "2.html").read_text()
+    for method in chosen:
+        assert f'title="{method.label}"' in page
+        for hit in result.hits:
+            y0, x0, y1, x1 = hit.box
+            expected = np.asarray(map_image(result.attributions[method][hit.rank][:, y0:y1, x0:x1])).astype(int)
+            saved = np.asarray(Image.open(out / f"img/u/down/2/{method.value}-{hit.rank}.png")).astype(int)
+            assert saved.shape == expected.shape
+            assert np.abs(saved - expected).max() <= 1 and (saved == expected).mean() > 0.99
+    assert not (out / "img/u/down/2/g0.png").exists()  # guided backprop was not asked for
+    with pytest.raises(UserError, match="grad-cam needs --cam-layer"):
+        build_atlas(config(index, tmp_path / "other", methods=(Method.GRAD_CAM,)))
 
 
 def test_layer_tiles_and_unit_pages_carry_the_units_profile(built: tuple[Path, Path, Path], site: Path) -> None:

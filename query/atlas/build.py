@@ -27,6 +27,7 @@ from actindex.indexer.signals import describe, stops_raise
 from actindex.kernels.errors import Interrupted, UserError, not_found
 from actindex.kernels.overlap import nearest_by_overlap
 
+from ..attribution import Method, Settings
 from .pages import site_size, write_pages
 from .plan import FORMATS, OWN, Layer, NearestUnits, Plan, SiteManifest, index_identity, parse_units, slug
 from .pool import KillTask, TaskPool
@@ -72,6 +73,8 @@ class AtlasConfig:
     nearest_units: int = 8
     dream_steps: int = 200
     overwrite: bool = False  # replace a site built from another index
+    methods: tuple[Method, ...] | None = None  # attribution maps on unit pages; None: the site's (guided at first)
+    cam_layer: str | None = None  # for grad-cam
 
     def check(self) -> None:
         if self.image_format not in FORMATS:
@@ -107,6 +110,10 @@ def build_atlas(config: AtlasConfig, progress: bool = False, *, fault: AtlasFaul
         manifest = _open_site(config, identity)
         info = reader.info
         manifest.data_root, manifest.weights = str(info.data_root), info.weights
+        if config.methods is not None:
+            manifest.methods, manifest.cam_layer = [m.value for m in config.methods], config.cam_layer or ""
+        settings = Settings(tuple(Method(m) for m in manifest.methods), manifest.cam_layer or None)
+        settings.check("the atlas's layers")
         names = reader.layer_names
         chosen = list(config.layers) if config.layers else names
         for name in chosen:
@@ -137,7 +144,7 @@ def build_atlas(config: AtlasConfig, progress: bool = False, *, fault: AtlasFaul
                     dreams={name: set(units) for name, units in manifest.dreams.items()},
                     nearest=_nearest_units(layers, config.nearest_units), image_pages=image_pages,
                     neighbours=neighbours, similarity_layer=similarity_layer,
-                    unit_classes=_unit_classes(reader, pages))
+                    unit_classes=_unit_classes(reader, pages), settings=settings)
     site.mkdir(parents=True, exist_ok=True)
     manifest.write(site)
     tasks = _tasks(plan, manifest)

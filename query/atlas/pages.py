@@ -198,8 +198,9 @@ def unit_page(plan: Plan, name: str, unit: int, sizes: dict[int, tuple[int, int]
         figures.append(
             f'<figure class="hit"><div class="pair">'
             f'<img class="patch" src="../../{plan.unit_file(name, unit, f"p{rank}")}" alt="patch {rank + 1}">'
-            f'<img class="patch" src="../../{plan.unit_file(name, unit, f"g{rank}")}" '
-            f'alt="guided backprop {rank + 1}"></div>'
+            + "".join(f'<img class="patch" src="../../{plan.unit_file(name, unit, plan.method_file(m, rank))}" '
+                      f'alt="{esc(m.label)} {rank + 1}" title="{esc(m.label)}">' for m in plan.settings.methods)
+            + '</div>'
             f'<img class="map" src="../../{plan.unit_file(name, unit, f"a{rank}")}" '
             f'alt="activation map {rank + 1}" loading="lazy">'
             + (f'<img class="map" src="../../{plan.unit_file(name, unit, f"m{rank}")}" '
@@ -234,8 +235,9 @@ def unit_page(plan: Plan, name: str, unit: int, sizes: dict[int, tuple[int, int]
             f'<p>{hits.channels} units in this layer · {esc(rf_text(plan, name))} · '
             f'<span class="steps">{" ".join(steps)}</span></p>\n'
             f"{profile_section(plan, name, unit)}"
-            f"<h2>Top {count} images</h2>\n<p>Each hit: the patch the unit sees, its guided backpropagation "
-            "(mid-grey is 0), the unit's activation map over the whole image (dark 0, light its best score)"
+            f"<h2>Top {count} images</h2>\n<p>Each hit: the patch the unit sees, its "
+            + esc(", ".join(m.label for m in plan.settings.methods))
+            + " over it (mid-grey is 0), the unit's activation map over the whole image (dark 0, light its best score)"
             + (f", the image where the map reaches the unit's p99 ({number(level)}), outlined," if level is not None
                else "") + " and the whole image with the patch's box.</p>\n"
             f'<div class="hits">{"".join(figures)}</div>\n{note}\n'

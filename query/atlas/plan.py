@@ -8,6 +8,7 @@ Site layout (all links relative, so the folder opens from disk and can be copied
     images/index.html, images/<id>.html   images that are some unit's hit, with their nearest images
     img/u/<slug>/<unit>/p<r>.<ext>   hit r's receptive-field patch (p0 is also the unit's tile)
     img/u/<slug>/<unit>/g<r>.<ext>   hit r's guided-backprop crop
+    img/u/<slug>/<unit>/<method>-<r>.<ext>   hit r's crop of another attribution method (atlas --methods)
     img/u/<slug>/<unit>/a<r>.<ext>   the unit's activation map over hit r's whole image
     img/u/<slug>/<unit>/m<r>.<ext>   hit r's image where the map reaches the unit's p99 (indexes with histograms)
     img/u/<slug>/<unit>/dream.<ext>  the unit's dream (--dream)
@@ -29,6 +30,8 @@ import numpy as np
 from actindex.indexer.atomic import atomic_write
 from actindex.indexer.index_file import IndexInfo, IndexReader, LayerHits, LayerProfile, UnitClasses
 from actindex.kernels.errors import UserError, not_found
+
+from ..attribution import DEFAULT, Method, Settings
 
 MANIFEST = "atlas.json"
 _PATH_BLOCK = 65536  # image paths hashed at a time: memory stays bounded whatever the number of images
@@ -99,13 +102,16 @@ class SiteManifest:
     dreams: dict[str, list[int]] = field(default_factory=dict)  # units with a dream, per layer
     unguided: dict[str, dict[str, int]] = field(default_factory=dict)  # per layer, from the last run on it
     sizes: dict[int, tuple[int, int]] = field(default_factory=dict)  # original (height, width) of thumbnails
+    methods: list[str] = field(default_factory=lambda: ["guided"])  # attribution maps on the unit pages
+    cam_layer: str = ""  # grad-cam's layer, "" without grad-cam
 
     def to_json(self) -> dict[str, Any]:
         return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "index": self.index,
                 "identity": self.identity, "image_format": self.image_format, "data_root": self.data_root,
                 "weights": self.weights, "layers": self.layers,
                 "units": self.units, "dreams": self.dreams, "unguided": self.unguided,
-                "sizes": {str(k): list(v) for k, v in sorted(self.sizes.items())}}
+                "sizes": {str(k): list(v) for k, v in sorted(self.sizes.items())}, "methods": self.methods,
+                "cam_layer": self.cam_layer}
 
     def write(self, site: Path) -> None:
         atomic_write(site / MANIFEST, (json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n").encode())
@@ -133,7 +139,8 @@ class SiteManifest:
                         layers=list(data["layers"]), units={k: list(v) for k, v in data["units"].items()},
                         dreams={k: list(v) for k, v in data["dreams"].items()},
                         unguided={k: dict(v) for k, v in data["unguided"].items()},
-                        sizes={int(k): (int(v[0]), int(v[1])) for k, v in data["sizes"].items()})
+                        sizes={int(k): (int(v[0]), int(v[1])) for k, v in data["sizes"].items()},
+                        methods=list(data.get("methods", ["guided"])), cam_layer=str(data.get("cam_layer", "")))
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,12 @@ class Plan:
     neighbours: dict[int, list[tuple[int, float]]] | None  # per image page; None: the index has no FAISS file
     similarity_layer: str  # the layer the neighbours are nearest by
     unit_classes: dict[str, dict[int, UnitClasses]] = field(default_factory=dict)  # of units with a page
+    settings: Settings = DEFAULT  # the attribution methods the unit pages show
+
+    @staticmethod
+    def method_file(method: Method, rank: int) -> str:
+        """The name of hit `rank`'s crop of `method`'s map ('g<r>' for guided backprop, as sites always had)."""
+        return f"g{rank}" if method is Method.GUIDED else f"{method.value}-{rank}"
 
     @property
     def ext(self) -> str:
@@ -215,7 +228,8 @@ class Plan:
     def unit_files(self, layer: str, unit: int) -> list[str]:
         """The images a unit page shows, whose presence means the unit's work is done."""
         count = self.hit_count(layer, unit)
-        names = [f"{kind}{r}" for kind in ("p", "g", "a") for r in range(count)]
+        names = [f"{kind}{r}" for kind in ("p", "a") for r in range(count)]
+        names += [self.method_file(m, r) for m in self.settings.methods for r in range(count)]
         if self.layers[layer].level(unit) is not None:
             names += [f"m{r}" for r in range(count)]
         if unit in self.dreams.get(layer, set()):

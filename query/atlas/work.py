@@ -24,7 +24,7 @@ from actindex.indexer.atomic import atomic_write
 from actindex.indexer.images import Normalize
 from actindex.kernels.errors import UserError
 
-from ..attribution import attribute
+from ..attribution import attribute_methods
 from ..dream import DreamConfig, dream
 from ..loading import LoadedImage, data_root, load_index_images, load_index_model, query_numerics
 from ..maps import UnitMaps, layer_field
@@ -134,6 +134,7 @@ class Worker:
         pairs = [(u, r) for u in units for r in range(plan.hit_count(layer, u))]
         outcome = Outcome(units=len(units))
         normalize = Normalize(plan.info.mean, plan.info.std, self.device)
+        black = normalize.bounds()[0]
         numerics = query_numerics(plan.info, self.device)
         unguided: dict[str, int] = {}
         for start in range(0, len(pairs), self.batch_size):
@@ -144,8 +145,9 @@ class Worker:
             channels = torch.tensor([u for u, _ in batch])
             ys = torch.tensor([int(hits.y[u, r]) for u, r in batch])
             xs = torch.tensor([int(hits.x[u, r]) for u, r in batch])
+            boxes = [(int(a), int(b), int(c), int(d)) for a, b, c, d in (hits.box[u, r] for u, r in batch)]
             with numerics.running(torch.device(self.device)):
-                result = attribute(self.model, layer, channels, x, ys, xs, plain=False)
+                result = attribute_methods(self.model, layer, channels, x, ys, xs, boxes, plan.settings, black)
             for name, count in result.unguided.items():
                 unguided[name] = unguided.get(name, 0) + count
             recorded = np.array([hits.value[u, r] for u, r in batch], dtype=np.float32)
@@ -154,20 +156,21 @@ class Worker:
                 rows = [i for i, (u, _) in enumerate(batch) if u == unit]
                 check_reproduced(layer, unit, [images[i].path for i in rows], recorded[rows], now[rows],
                                  plan.info.precision)
-            guided = result.guided.cpu().numpy()  # (B, 3, S, S)
-            maps = result.maps.cpu().numpy()  # (B, H, W)
+            attributions = {m: t.numpy() for m, t in result.maps.items()}  # (B, 3 or 1, S, S) each
+            maps = result.unit_maps.cpu().numpy()  # (B, H, W)
             for row, ((unit, rank), image) in enumerate(zip(batch, images, strict=True)):
                 y0, x0, y1, x1 = (int(v) for v in hits.box[unit, rank])
                 self.save(shrink(patch(image, (y0, x0, y1, x1)), PATCH), plan.unit_file(layer, unit, f"p{rank}"))
-                crop = map_image(guided[row][:, y0:y1, x0:x1])
-                self.save(shrink(crop, PATCH), plan.unit_file(layer, unit, f"g{rank}"))
+                for method, values in attributions.items():
+                    crop = map_image(values[row][:, y0:y1, x0:x1])
+                    self.save(shrink(crop, PATCH), plan.unit_file(layer, unit, plan.method_file(method, rank)))
                 unit_maps = UnitMaps(maps[row:row + 1], layer_field(hits), plan.info.input_size,
                                      plan.layers[layer].level(unit))
                 overlay, mask = activation_pictures(unit_maps, 0, image, float(hits.value[unit, 0]), MAP)
                 self.save(overlay, plan.unit_file(layer, unit, f"a{rank}"))
                 if mask is not None:
                     self.save(mask, plan.unit_file(layer, unit, f"m{rank}"))
-                outcome.files += 3 + (mask is not None)
+                outcome.files += 2 + len(attributions) + (mask is not None)
         for unit in units:
             if unit in plan.dreams.get(layer, set()):
                 self.save(self.dream(layer, unit), plan.unit_file(layer, unit, "dream"))
