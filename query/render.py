@@ -223,8 +223,9 @@ def neuron_sheet(result: NeuronResult, context: bool = False, columns: int = 9) 
     if masked:
         title += f" (p99 = {result.maps.level:.4g} over the dataset)"
     if result.sanity is not None:
-        title += (f". Sanity check (weights up to the unit randomized in {len(result.sanity.steps)} steps): "
-                  + "; ".join(f"{m.label} rank correlation {result.sanity.spearman[m][-1]:.2f}"
+        title += (f". Sanity check, rank correlation with these maps once the unit's block is random, then once "
+                  f"all weights up to the unit are ({len(result.sanity.steps)} steps): "
+                  + "; ".join(f"{m.label} {result.sanity.spearman[m][0]:.2f}, {result.sanity.spearman[m][-1]:.2f}"
                               for m in methods) + ". (!) marks maps that barely change: they show the image more "
                   "than the unit")
     header = title_height(title, width)
