@@ -126,16 +126,16 @@ def timing(args: argparse.Namespace) -> None:
         folder = Path(tmp)
         make_jpegs(folder / "data", 64)
         build_index(BuildConfig(data=folder / "data", model="resnet18", out=folder / "index.h5", layers=(layer,),
-                                k=9, batch_size=32, workers=1, device="cpu", embed_layer=""))
-        with Index(folder / "index.h5", device="cpu") as index:
+                                k=9, batch_size=32, workers=1, device=args.device, embed_layer=""))
+        with Index(folder / "index.h5", device=args.device) as index:
             hits = index.layer(layer)
             images = index.images([int(i) for i in hits.image[unit]])
             model = index.loaded.module
             info = index.info
-    x = Normalize(info.mean, info.std, "cpu")(torch.stack([image.pixels for image in images]))
+    x = Normalize(info.mean, info.std, args.device)(torch.stack([image.pixels for image in images]))
     ys, xs = torch.tensor(hits.y[unit]), torch.tensor(hits.x[unit])
     boxes = [(int(a), int(b), int(c), int(d)) for a, b, c, d in hits.box[unit]]
-    print(f"resnet18 (random weights), {layer} unit {unit}, {len(boxes)} hits at 224 px, cpu "
+    print(f"resnet18 (random weights), {layer} unit {unit}, {len(boxes)} hits at 224 px, {args.device} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}; integrated gradients in {args.ig_steps} "
           f"steps, Grad-CAM from {cam_layer}; medians of {args.rounds} rounds")
     print(f"  {'method':<22} {'actindex':>10} {'captum loop':>12} {'ratio':>7}  max |difference| / max |map|")
@@ -155,6 +155,8 @@ def timing(args: argparse.Namespace) -> None:
             for name, run in (("ours", ours), ("captum", theirs)):
                 start = time.perf_counter()
                 results[name] = run()
+                if x.is_cuda:
+                    torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
         a, b = statistics.median(times["ours"]), statistics.median(times["captum"])
         mine, other = results["ours"], results["captum"]
@@ -176,6 +178,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="cascade steps (sanity)")
     parser.add_argument("--ig-steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (time)")
+    parser.add_argument("--device", default="cpu", help="for time")
     args = parser.parse_args()
     torch.set_grad_enabled(True)
     runs: dict[str, Callable[[argparse.Namespace], None]] = {"sanity": sanity, "time": timing}

@@ -70,6 +70,17 @@ seconds $ACTINDEX atlas "$work/demo/index.h5" --out "$work/atlas-cuda1" --device
 step "bench_index cuda (b/a with the score histograms; it was 0.940 on an H100 before them)"
 $PYTHON scripts/bench_index.py --device cuda --batch-size 256 --batches 32 --rounds 5 --memory-images 2048 --jpegs 0 \
     | tail -12
+step "bench_index cuda with class sums (1 000 classes) and --bottom-k 9, against the accumulator without them"
+$PYTHON scripts/bench_index.py --device cuda --batch-size 256 --batches 32 --rounds 5 --memory-images 2048 --jpegs 0 \
+    --classes 1000 --bottom-k 9 | tail -14
+step "unit profiles and attribution methods on cuda: unit, neuron --lowest, every method with --sanity"
+$ACTINDEX unit "$work/demo/index.h5" --layer classifier --unit 285 --k 3
+$ACTINDEX neuron "$work/demo/index.h5" --layer classifier --unit 285 --lowest --device cuda --out "$work/low.png" \
+    | head -3
+seconds $ACTINDEX neuron "$work/demo/index.h5" --layer blocks.4 --unit 45 --device cuda --out "$work/all.png" \
+    --methods guided,gradient,gradient-x-input,integrated-gradients,grad-cam,occlusion --cam-layer blocks.2 \
+    --sanity | grep -A12 "sanity"
+$PYTHON scripts/bench_attribution.py time --rounds 3 --device cuda | tail -8
 step "bench_query cuda"
 $PYTHON scripts/bench_query.py --device cuda --rounds 5 | tail -8
 step "bench_dream cuda"
