@@ -21,6 +21,7 @@ from actindex.indexer.similarity import SimilarityIndex, open_vector_index
 if TYPE_CHECKING:
     from actindex.indexer.models import LoadedModel
 
+    from .attribution import Settings
     from .loading import LoadedImage
     from .neuron import NeuronResult
     from .similar import SimilarResult
@@ -83,12 +84,15 @@ class Index:
             self._similarity[layer] = open_vector_index(self.reader, layer)
         return self._similarity[layer]
 
-    def neuron(self, layer: str, unit: int, k: int | None = None, lowest: bool = False) -> NeuronResult:
+    def neuron(self, layer: str, unit: int, k: int | None = None, lowest: bool = False,
+               settings: Settings | None = None, sanity: int = 0, seed: int = 0) -> NeuronResult:
         """`actindex neuron`: the unit's top (or `lowest`) hits, each re-run through the network and checked, with
-        their maps."""
+        the maps of `settings` (`actindex.query.attribution.Settings`; default guided backprop and the gradient)
+        and, with `sanity` steps, the cascading-randomization check."""
+        from .attribution import DEFAULT
         from .neuron import unit_hits
 
-        return unit_hits(self, layer, unit, k, lowest)
+        return unit_hits(self, layer, unit, k, lowest, settings or DEFAULT, sanity, seed)
 
     def similar(self, image: Path | None = None, image_id: int | None = None, k: int = 9, layer: str | None = None,
                 explain: bool = False, pictures: bool = True) -> SimilarResult:

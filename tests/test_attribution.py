@@ -278,3 +278,14 @@ def test_bad_method_options_are_one_line(built: Path, tmp_path: Path, args: list
                                        "--out", str(tmp_path / "u.png"), *args])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "u.png").exists()
+
+
+def test_an_open_index_answers_with_methods_and_the_sanity_check(built: Path) -> None:
+    from actindex.query.index import Index
+
+    with Index(built) as index:
+        result = index.neuron("down", 3, k=2, settings=Settings((Method.OCCLUSION, Method.GUIDED), patch=8),
+                              sanity=1)
+    assert list(result.attributions) == [Method.OCCLUSION, Method.GUIDED]
+    assert result.sanity is not None and len(result.sanity.steps) == 1
+    assert result.attributions[Method.OCCLUSION].shape == (2, 1, 48, 48)
