@@ -1,4 +1,4 @@
-"""One forward pass per batch in, per-layer top-k and per-image activation vectors out.
+"""One forward pass per batch in, per-layer top-k and per-image activation vectors (and patch vectors) out.
 
 `IndexAccumulator.add_batch` runs the network on a batch whose image ids are known, taps the chosen layers
 while the forward runs, and folds each layer's per-image channel maxima into a `RunningTopK`, an `ExactSum` (for
@@ -22,6 +22,7 @@ from actindex.kernels.topk import RunningTopK, TopKResult
 
 from .images import Normalize
 from .precision import EXACT, Numerics
+from .rows import EMBEDDING, PATCHES
 from .taps import tapped
 
 
@@ -33,13 +34,15 @@ class IndexAccumulator:
     def __init__(self, model: nn.Module, channels: dict[str, int], k: int, mean: Sequence[float],
                  std: Sequence[float], embed_layer: str | None, device: torch.device,
                  numerics: Numerics = EXACT, labels: torch.Tensor | None = None, classes: int = 0,
-                 bottom_k: int = 0) -> None:
+                 bottom_k: int = 0, patch_layer: str | None = None) -> None:
         """`labels` (N,) int64: each image id's class in [0, classes), for per-class means (None: no classes).
-        `bottom_k` > 0 also keeps each unit's `bottom_k` images with the lowest minimum over positions."""
+        `bottom_k` > 0 also keeps each unit's `bottom_k` images with the lowest minimum over positions.
+        `patch_layer`: a layer whose (C, H, W) output is also returned whole, as every position's vector."""
         self.model = numerics.prepare(model)
         self.numerics = numerics
         self.layers = list(channels)
         self.embed_layer = embed_layer
+        self.patch_layer = patch_layer
         self.device = device
         self.topk = {name: RunningTopK(c, k, device) for name, c in channels.items()}
         # The lowest minima are the highest negated minima: the top-k's exact merge and tie-break (equal values
@@ -52,7 +55,7 @@ class IndexAccumulator:
             if self.labels is not None else {}
         self.normalize = Normalize(mean, std, device)
         self._ids = torch.empty(0, dtype=torch.int64, device=device)
-        self._embedding: torch.Tensor | None = None
+        self._rows: dict[str, torch.Tensor] = {}
 
     def _record(self, name: str, output: torch.Tensor) -> None:
         # Runs inside the forward hook: reduce now, before any in-place op downstream rewrites `output`.
@@ -67,25 +70,29 @@ class IndexAccumulator:
                 lows, low_positions = spatial_min(output)  # (B, C), (B, C)
                 self.bottom[name].add(-lows, self._ids, low_positions)
         if name == self.embed_layer:
-            self._embedding = spatial_mean(output)  # (B, D) float32
+            self._rows[EMBEDDING] = spatial_mean(output)  # (B, D) float32
+        if name == self.patch_layer:
+            self._rows[PATCHES] = patch_rows(output)  # (B, H * W * C) float16
 
     @torch.inference_mode()
-    def add_batch(self, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+    def add_batch(self, pixels: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Index one batch: pixels (B, 3, H, W) uint8, ids (B,) int64 global image ids, increasing.
 
-        Returns the batch's (B, D) embedding on the device, or None without an embedding layer.
+        Returns the batch's rows on the device: the (B, D) embedding under `rows.EMBEDDING` and the (B, H * W * C)
+        patch vectors under `rows.PATCHES`, each only when its layer is set (`rows.RowSink` takes them).
         """
         if ids.numel() == 0:
-            return None
+            return {}
         if self.device.type == "cuda" and not ids.is_pinned():
             ids = ids.pin_memory()  # a copy from pageable memory would wait for the whole queue
         self._ids = ids.to(self.device, non_blocking=True)
-        self._embedding = None
-        names = self.layers + ([self.embed_layer] if self.embed_layer and self.embed_layer not in self.topk else [])
+        self._rows = {}
+        names = self.layers + [name for name in dict.fromkeys((self.embed_layer, self.patch_layer))
+                               if name and name not in self.topk]
         with tapped(self.model, names, self._record) as taps, self.numerics.running(self.device):
             self.model(self.numerics.input(self.normalize(pixels)))
             taps.check_once()
-        return self._embedding
+        return self._rows
 
     def merge_state(self, state: dict[str, torch.Tensor]) -> None:
         """Fold in another accumulator's `state_dict()` over disjoint images (another rank's); exact."""
@@ -161,3 +168,14 @@ class IndexAccumulator:
             if name in self.bottom:
                 self.bottom[name].load_state_dict({key: state[f"{name}/bottom_{key}"]
                                                    for key in ("values", "ids", "positions")})
+
+
+_FLOAT16_MAX = 65504.0
+
+
+def patch_rows(output: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H * W * C) float16: every position's C channels, positions in row-major order, as
+    `/patches/<layer>` stores them (row image * H * W + y * W + x). Values beyond float16's range are clamped
+    to its largest finite value, so that they stay vectors with a direction; NaN stays NaN."""
+    batch = output.shape[0]
+    return output.detach().permute(0, 2, 3, 1).clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16).reshape(batch, -1)

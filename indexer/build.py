@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from actindex.kernels.errors import UserError
@@ -30,13 +31,14 @@ from .checkpoint import (
     has_checkpoints,
     load_state,
     partial_dir,
+    patch_rows_path,
     read_progress,
     rows_path,
     save_state,
 )
 from .distributed import Job, PeerFailed, start_job
 from .plan import BuildConfig, BuildPlan, default_workers, fingerprint, plan_build, shard_ranges
-from .rows import RowFile, RowSink
+from .rows import EMBEDDING, PATCHES, RowFile, RowSink
 from .stream import Fault, InjectedFault, Progress, ProgressFactory, SilentProgress, shard_batches, stream
 from .write import copy_row_files, write_index
 
@@ -120,10 +122,14 @@ class _Build:
         accumulator = IndexAccumulator(plan.loaded.module, {n: g.channels for n, g in plan.geometry.items()},
                                        config.k, plan.mean, plan.std, plan.embed_layer, plan.device, plan.numerics,
                                        torch.tensor(plan.images.labels, dtype=torch.int64), len(plan.images.classes),
-                                       config.bottom_k)
+                                       config.bottom_k, plan.patch_grid.layer if plan.patch_grid else None)
         if state.topk:
             accumulator.load_state_dict(state.topk)
-        rows = RowFile(rows_path(self.folder, job.rank), start, end, plan.embed_dim) if plan.embed_layer else None
+        rows: dict[str, RowFile | None] = {
+            EMBEDDING: RowFile(rows_path(self.folder, job.rank), start, end, plan.embed_dim)
+            if plan.embed_layer else None,
+            PATCHES: RowFile(patch_rows_path(self.folder, job.rank), start, end, _patch_dim(plan), np.float16)
+            if plan.patch_grid else None}
         bar = self.progress(len(plan.images.paths), resumed or 0)
         try:
             tick = time.perf_counter()
@@ -144,8 +150,9 @@ class _Build:
         finally:
             job.streaming = False
             bar.close()
-            if rows is not None:
-                rows.close()
+            for file in rows.values():
+                if file is not None:
+                    file.close()
         try:
             tick = time.perf_counter()
             self._merge(accumulator)
@@ -212,10 +219,11 @@ class _Build:
         self.lock = None
         clear_partial(self.folder, keep_locks=False)
 
-    def _checkpoint(self, state: RankState, accumulator: IndexAccumulator, rows: RowFile | None) -> None:
+    def _checkpoint(self, state: RankState, accumulator: IndexAccumulator, rows: dict[str, RowFile | None]) -> None:
         tick = time.perf_counter()
-        if rows is not None:
-            rows.sync()  # rows first: the state file must never count rows that are not on disk
+        for file in rows.values():
+            if file is not None:
+                file.sync()  # rows first: the state file must never count rows that are not on disk
         state.topk = accumulator.state_dict()
         save_state(self.folder, state, self.key)
         self.timings["checkpoint"] += time.perf_counter() - tick
@@ -237,8 +245,17 @@ class _Build:
                                 "rerun with --resume")
             skipped += state.skipped
         files = [(rows_path(self.folder, rank), start, end) for rank, (start, end) in enumerate(self.shards)]
+        patch_files = [(patch_rows_path(self.folder, rank), start, end)
+                       for rank, (start, end) in enumerate(self.shards)]
         self.timings["faiss"], self.faiss_note = write_index(
-            self.plan, accumulator, skipped, lambda dataset: copy_row_files(dataset, files, self.plan.embed_dim),
+            self.plan, accumulator, skipped, {
+                EMBEDDING: lambda dataset: copy_row_files(dataset, files, self.plan.embed_dim),
+                PATCHES: lambda dataset: copy_row_files(dataset, patch_files, _patch_dim(self.plan), np.float16)},
             self.job.world_size, seconds)
         self.timings["write"] = time.perf_counter() - tick
         return len(skipped)
+
+
+def _patch_dim(plan: BuildPlan) -> int:
+    """Float16 values a patch row file holds per image: every position's channels."""
+    return plan.patch_grid.positions * plan.patch_grid.channels if plan.patch_grid else 0

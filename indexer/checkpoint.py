@@ -4,11 +4,12 @@
       manifest.json            what is being built (its fingerprint), the world size, every rank's shard
       rank-00003.safetensors   rank 3's top-k state tensors; next image id and skipped files as metadata
       rank-00003.rows          rank 3's embedding rows: float32, row i is image id shard_start + i
+      rank-00003.patches       with --patch-layer, its patch rows: float16, H * W * C per image, same order
       rank-00003.lock          locked by rank 3's process while it runs; names its pid and host
 
 A checkpoint commits the rows first (fsync), then the state file (temporary name, fsync, rename, fsync of
 the folder), so a state file never counts rows that are not on disk; rows written after it are written
-again on resume. Everything is plain tensors, JSON and raw float32: nothing is unpickled.
+again on resume. Everything is plain tensors, JSON and raw floats: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ _LABELS = {"world_size": "processes (world size)", "images": "image list", "imag
            "weights": "weights", "weights_sha256": "weights file contents", "layers": "layers", "k": "k",
            "bottom_k": "bottom-k", "input_size": "input size", "model": "model", "batch_size": "batch size",
            "mean": "mean", "std": "std", "embed_layer": "embedding layer", "max_pixels": "max pixels",
-           "device_type": "device type", "embed_dim": "embedding size"}
+           "device_type": "device type", "embed_dim": "embedding size",
+           "patch_layer": "patch layer", "patch_dim": "patch vector size per image"}
 
 
 def partial_dir(out: Path) -> Path:
@@ -170,6 +172,10 @@ def rows_path(folder: Path, rank: int) -> Path:
     return folder / f"rank-{rank:05d}.rows"
 
 
+def patch_rows_path(folder: Path, rank: int) -> Path:
+    return folder / f"rank-{rank:05d}.patches"
+
+
 # -- who is using a partial build ------------------------------------------------------------------------------
 
 
@@ -279,7 +285,7 @@ def clear_partial(folder: Path, keep_locks: bool = True) -> None:
     """Remove a partial build's own files (never anything else that may be in the folder); the folder itself
     too when that leaves it empty and `keep_locks` is False."""
     patterns = ["manifest.json", ".manifest.json.tmp-*", "rank-*.safetensors", ".rank-*.safetensors.tmp-*",
-                "rank-*.rows"] + ([] if keep_locks else ["rank-*.lock"])
+                "rank-*.rows", "rank-*.patches"] + ([] if keep_locks else ["rank-*.lock"])
     for pattern in patterns:
         for path in folder.glob(pattern):
             path.unlink(missing_ok=True)

@@ -105,6 +105,11 @@ def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
                                              "options, same number of processes); starts afresh if there is none.")
 @click.option("--faiss-factory", help="FAISS index_factory string for the similarity index (e.g. Flat, "
                                      "IVF1024,Flat); 'none' for no FAISS file. Default: chosen by the data's size.")
+@click.option("--patch-layer", help="Also store every feature position's vector of this layer (float16, "
+                                     "2 x C bytes a position) and a FAISS index over them, for patch search "
+                                     "('similar --box'). Default: off.")
+@click.option("--patch-factory", help="FAISS index_factory string for the patch vectors; 'none' for no FAISS file. "
+                                      "Default: chosen by the data's size, at most 64 bytes a vector.")
 @click.option("--decoder", type=click.Choice([d.value for d in Decoder]), default="pil", show_default=True,
               help="pil: Pillow, the exact path; turbo: JPEGs decoded by libjpeg-turbo and resized by torch on the "
                    "CPU (pixels within 1 level of pil, faster); gpu: JPEGs decoded in batches on the CUDA device.")
@@ -116,7 +121,8 @@ def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[
           bottom_k: int, input_size: int, mean: tuple[float, float, float] | None,
           std: tuple[float, float, float] | None, batch_size: int, workers: int | None, device: str | None,
           embed_layer: str | None, max_pixels: int | None, overwrite: bool, checkpoint_every: int, resume: bool,
-          faiss_factory: str | None, decoder: str, precision: str, crash_at: str | None) -> None:
+          faiss_factory: str | None, patch_layer: str | None, patch_factory: str | None, decoder: str,
+          precision: str, crash_at: str | None) -> None:
     """Index the images under DATA: every unit's top-k images, positions and receptive-field boxes (and, with
     --bottom-k, its lowest-scoring images).
 
@@ -131,6 +137,7 @@ def build(data: Path, model: str, out: Path, weights: str | None, layers: tuple[
                          workers=workers, device=device, embed_layer=embed_layer,
                          max_pixels=max_pixels or DEFAULT_MAX_PIXELS, overwrite=overwrite,
                          checkpoint_every=checkpoint_every, resume=resume, faiss_factory=faiss_factory,
+                         patch_layer=patch_layer or None, patch_factory=patch_factory,
                          decoder=Decoder(decoder), precision=Precision(precision))
     summary = build_index(config, progress=TqdmProgress, fault=Fault.parse(crash_at) if crash_at else None)
     if summary.rank != 0:
@@ -236,17 +243,20 @@ def info(index: Path, as_json: bool) -> None:
                    f"padding {_show_yx(layer['rf_padding'])}")
     for name, shape in summary["embeddings"].items():
         click.echo(f"  embeddings {name}: {shape[0]} x {shape[1]}")
-    vectors = summary["faiss"]
-    if vectors and not vectors.get("present", True):
-        click.echo(f"  similarity index {vectors['index']}: missing (deleted, or not copied with the index); "
-                   f"rebuild it with: actindex faiss {index}")
-    elif vectors:
-        recall = f", recall@10 {vectors['recall_at_10']:.3f}" if vectors.get("recall_at_10", -1) >= 0 else ""
-        rerank = f", {10 * vectors['rerank']} candidates re-ranked per 10" if vectors.get("rerank", 1) > 1 else ""
-        click.echo(f"  similarity index {vectors['index']}: {vectors['factory']} over {vectors['count']} vectors "
-                   f"of '{vectors['layer']}'{rerank}{recall}")
-        if vectors.get("note"):
-            click.echo(f"  warning: {vectors['note']}")
+    for name, shape in summary.get("patches", {}).items():
+        click.echo(f"  patch vectors {name}: {shape[0]} x {shape[1]}")
+    for what, key, option in (("similarity index", "faiss", ""), ("patch index", "patch_faiss", " --patches")):
+        vectors = summary.get(key)
+        if vectors and not vectors.get("present", True):
+            click.echo(f"  {what} {vectors['index']}: missing (deleted, or not copied with the index); "
+                       f"rebuild it with: actindex faiss {index}{option}")
+        elif vectors:
+            recall = f", recall@10 {vectors['recall_at_10']:.3f}" if vectors.get("recall_at_10", -1) >= 0 else ""
+            rerank = f", {10 * vectors['rerank']} candidates re-ranked per 10" if vectors.get("rerank", 1) > 1 else ""
+            click.echo(f"  {what} {vectors['index']}: {vectors['factory']} over {vectors['count']} vectors "
+                       f"of '{vectors['layer']}'{rerank}{recall}")
+            if vectors.get("note"):
+                click.echo(f"  warning: {vectors['note']}")
     for item in summary["skipped"]:
         click.echo(f"  skipped {item['path']}: {item['reason']}")
 
@@ -259,11 +269,13 @@ def _show_yx(pair: list[int]) -> str:
 @click.argument("index", type=click.Path(path_type=Path))
 @click.option("--layer", help="Embedding layer to index. Default: the one indexed before, else the build's.")
 @click.option("--factory", help="FAISS index_factory string. Default: chosen by the data's size.")
-def faiss_command(index: Path, layer: str | None, factory: str | None) -> None:
+@click.option("--patches", is_flag=True, help="The patch vectors' index (INDEX.patches.faiss, from --patch-layer) "
+                                              "instead of the images'.")
+def faiss_command(index: Path, layer: str | None, factory: str | None, patches: bool) -> None:
     """(Re)build the FAISS similarity index beside INDEX from its stored vectors (no network needed)."""
     from tqdm import tqdm
 
-    from .similarity import rebuild
+    from .similarity import rebuild, rebuild_patches
 
     bars: dict[str, Any] = {}
 
@@ -276,7 +288,8 @@ def faiss_command(index: Path, layer: str | None, factory: str | None) -> None:
         bars[stage].update(done - bars[stage].n)
 
     try:
-        path, info, chosen = rebuild(index, layer, factory, progress)
+        path, info, chosen = rebuild_patches(index, layer, factory, progress) if patches else \
+            rebuild(index, layer, factory, progress)
     finally:
         for bar in bars.values():
             bar.close()

@@ -24,6 +24,7 @@ from .choices import Decoder, Precision
 
 FORMAT_NAME = "actindex"
 FORMAT_VERSION = 1
+PATCH_PREFIX = "patch_faiss"  # root attributes of the patch vectors' FAISS file: patch_faiss_index, …
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -137,11 +138,86 @@ class FaissRecord:
     rerank: int = 1  # candidates re-ranked exactly on the stored vectors per result asked for; 1: none
     note: str = ""  # set when the calibration could not reach its target: what it reached, what to do
 
+    def to_attrs(self, prefix: str = "faiss") -> dict[str, Any]:
+        """The root attributes: `faiss_*` for the image vectors' file, `patch_faiss_*` for the patch vectors'."""
+        return {f"{prefix}_index": self.name, f"{prefix}_layer": self.layer, f"{prefix}_factory": self.factory,
+                f"{prefix}_nprobe": -1 if self.nprobe is None else self.nprobe, f"{prefix}_count": self.count,
+                f"{prefix}_recall_at_10": -1.0 if self.recall_at_10 is None else self.recall_at_10,
+                f"{prefix}_rerank": self.rerank, f"{prefix}_note": self.note}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], prefix: str = "faiss") -> FaissRecord | None:
+        if not attrs.get(f"{prefix}_index"):
+            return None
+        nprobe, recall = int(attrs.get(f"{prefix}_nprobe", -1)), float(attrs.get(f"{prefix}_recall_at_10", -1.0))
+        return cls(str(attrs[f"{prefix}_index"]), str(attrs.get(f"{prefix}_layer", "")),
+                   str(attrs.get(f"{prefix}_factory", "")), nprobe if nprobe >= 0 else None,
+                   int(attrs.get(f"{prefix}_count", 0)), recall if recall >= 0 else None,
+                   int(attrs.get(f"{prefix}_rerank", 1)), str(attrs.get(f"{prefix}_note", "")))
+
+    def describe(self, path: Path) -> dict[str, Any]:
+        """JSON-ready, for `actindex info`; `path` is the file it names, which may be missing."""
+        return {"index": self.name, "layer": self.layer, "factory": self.factory,
+                "nprobe": -1 if self.nprobe is None else self.nprobe, "count": self.count,
+                "recall_at_10": -1.0 if self.recall_at_10 is None else self.recall_at_10,
+                "rerank": self.rerank, "note": self.note, "present": path.is_file()}
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """The feature positions of a patch layer (`--patch-layer`): each one's vector is a row of
+    `/patches/<layer>`, and its row number, which is also its FAISS id, is `image * height * width + y * width +
+    x`. Position (y, x) sees the network-input pixels of its receptive field (size, stride, padding per axis, as
+    `kernels.receptive_field` defines them)."""
+
+    layer: str
+    channels: int
+    height: int
+    width: int
+    rf_size: tuple[int, int]
+    rf_stride: tuple[int, int]
+    rf_padding: tuple[int, int]
+
+    @property
+    def positions(self) -> int:
+        return self.height * self.width
+
+    def ids(self, image: np.ndarray | int, y: np.ndarray | int, x: np.ndarray | int) -> np.ndarray:
+        """Row numbers (= FAISS ids) of positions (y, x) of images `image`, int64, broadcast."""
+        return (np.asarray(image, dtype=np.int64) * self.positions + np.asarray(y, dtype=np.int64) * self.width
+                + np.asarray(x, dtype=np.int64))
+
+    def unravel(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image, y, x) of row numbers `ids`, each int64."""
+        image, position = np.divmod(np.asarray(ids, dtype=np.int64), self.positions)
+        y, x = np.divmod(position, self.width)
+        return image, y, x
+
+    def field(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """(size, stride, padding) per axis, y then x, as `kernels.upsample` takes it."""
+        return ((self.rf_size[0], self.rf_stride[0], self.rf_padding[0]),
+                (self.rf_size[1], self.rf_stride[1], self.rf_padding[1]))
+
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where the receptive fields' centres lie on the network input, as continuous coordinates (pixel u spans
+        [u, u + 1)): rows (height,) and columns (width,) float64, y S - P + r / 2."""
+        (sy, ty, py), (sx, tx, px) = self.field()
+        return (np.arange(self.height) * ty - py + sy / 2, np.arange(self.width) * tx - px + sx / 2)
+
+    def boxes(self, y: np.ndarray, x: np.ndarray, input_size: int) -> np.ndarray:
+        """(..., 4) int32 (y0, x0, y1, x1) network-input boxes of positions (y, x), half-open, clipped."""
+        import torch
+
+        from actindex.kernels.receptive_field import AxisField, boxes
+
+        field = (AxisField(*self.field()[0]), AxisField(*self.field()[1]))
+        return boxes(field, torch.as_tensor(np.asarray(y)), torch.as_tensor(np.asarray(x)),
+                     (input_size, input_size)).numpy()
+
     def to_attrs(self) -> dict[str, Any]:
-        return {"faiss_index": self.name, "faiss_layer": self.layer, "faiss_factory": self.factory,
-                "faiss_nprobe": -1 if self.nprobe is None else self.nprobe, "faiss_count": self.count,
-                "faiss_recall_at_10": -1.0 if self.recall_at_10 is None else self.recall_at_10,
-                "faiss_rerank": self.rerank, "faiss_note": self.note}
+        return {"channels": self.channels, "height": self.height, "width": self.width,
+                "rf_size": list(self.rf_size), "rf_stride": list(self.rf_stride),
+                "rf_padding": list(self.rf_padding)}
 
 
 @dataclass(frozen=True)
@@ -183,21 +259,21 @@ class IndexInfo:
     precision: Precision = Precision.FP32  # what the network computed in; files from before the option: fp32
     memory_format: str = "contiguous"  # "channels_last" or "contiguous" (informational: changes only rounding)
     bottom_k: int = 0  # images kept per unit with the lowest scores (--bottom-k); 0: none, as in older files
+    patch_layer: str = ""  # the layer whose every position's vector is stored (--patch-layer); "": none
+    patch_faiss: FaissRecord | None = None  # the FAISS file over the patch vectors; None: none was built
 
     @property
     def faiss_path(self) -> Path | None:
         return self.path.parent / self.faiss.name if self.faiss is not None else None
 
+    @property
+    def patch_faiss_path(self) -> Path | None:
+        return self.path.parent / self.patch_faiss.name if self.patch_faiss is not None else None
+
     @classmethod
     def from_attrs(cls, path: Path, attrs: dict[str, Any]) -> IndexInfo:
         """The one place that reads root attributes by name; informational ones may be absent in old files."""
-        faiss = None
-        if attrs.get("faiss_index"):
-            nprobe, recall = int(attrs.get("faiss_nprobe", -1)), float(attrs.get("faiss_recall_at_10", -1.0))
-            faiss = FaissRecord(str(attrs["faiss_index"]), str(attrs.get("faiss_layer", "")),
-                                str(attrs.get("faiss_factory", "")), nprobe if nprobe >= 0 else None,
-                                int(attrs.get("faiss_count", 0)), recall if recall >= 0 else None,
-                                int(attrs.get("faiss_rerank", 1)), str(attrs.get("faiss_note", "")))
+        faiss = FaissRecord.from_attrs(attrs)
         build = BuildRecord(str(attrs.get("created", "")), float(attrs.get("seconds", 0.0)),
                             float(attrs.get("images_per_second", 0.0)), str(attrs.get("device", "")),
                             int(attrs.get("world_size", 1)), str(attrs.get("actindex_version", "")),
@@ -213,7 +289,8 @@ class IndexInfo:
                    decoder=_known(Decoder, attrs.get("decoder", "pil"), path),
                    precision=_known(Precision, attrs.get("precision", "fp32"), path),
                    memory_format=str(attrs.get("memory_format", "contiguous")),
-                   bottom_k=int(attrs.get("bottom_k", 0)))
+                   bottom_k=int(attrs.get("bottom_k", 0)), patch_layer=str(attrs.get("patch_layer", "")),
+                   patch_faiss=FaissRecord.from_attrs(attrs, PATCH_PREFIX))
 
 
 def _known(kind: Any, value: Any, path: Path) -> Any:
@@ -254,6 +331,15 @@ class IndexWriter:
         nothing is filled in first, which would write the whole matrix twice."""
         return self.h5.create_dataset(f"embeddings/{name}", shape=(rows, dim), dtype="<f4", fillvalue=np.nan,
                                       fill_time="never")
+
+    def create_patches(self, grid: PatchGrid, images: int) -> h5py.Dataset:
+        """The (N * H * W, C) little-endian float16 patch vectors, contiguous like the embeddings (read by row at
+        its offset), with the grid's shape and receptive field as attributes."""
+        dataset = self.h5.create_dataset(f"patches/{grid.layer}", shape=(images * grid.positions, grid.channels),
+                                         dtype="<f2", fillvalue=np.nan, fill_time="never")
+        for key, value in grid.to_attrs().items():
+            dataset.attrs[key] = value
+        return dataset
 
     def write_mean(self, name: str, mean: np.ndarray) -> None:
         self.h5.create_dataset(f"layers/{name}/mean", data=np.asarray(mean, dtype=np.float64))
@@ -478,6 +564,28 @@ class IndexReader:
             raise not_found("embedding layer", name, self.embedding_names)
         return self.h5[f"embeddings/{name}"]
 
+    @property
+    def patch_names(self) -> list[str]:
+        return list(self.h5["patches"].keys()) if "patches" in self.h5 else []
+
+    def patch_grid(self, name: str) -> PatchGrid:
+        """The grid of layer `name`'s stored patch vectors; a one-line error when the index has none."""
+        if name not in self.patch_names:
+            if not self.patch_names:
+                raise UserError(f"'{self.path}' stores no patch vectors, so it cannot be searched by patch: build "
+                                "it again with --patch-layer LAYER (for example the last indexed layer)")
+            from actindex.kernels.errors import not_found
+
+            raise not_found("patch layer", name, self.patch_names, hint=f"'{self.path}' stores patches of these")
+        a = self.h5[f"patches/{name}"].attrs
+        return PatchGrid(name, int(a["channels"]), int(a["height"]), int(a["width"]), _stored_yx(a["rf_size"]),
+                         _stored_yx(a["rf_stride"]), _stored_yx(a["rf_padding"]))
+
+    def patches(self, name: str) -> h5py.Dataset:
+        """The (N * H * W, C) float16 dataset itself (`patch_grid` gives its row numbers)."""
+        self.patch_grid(name)
+        return self.h5[f"patches/{name}"]
+
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary, used by `actindex info`."""
         info = self.info
@@ -497,15 +605,13 @@ class IndexReader:
             "num_skipped": info.num_skipped, "path": str(self.path), "layers": layers,
             "decoder": info.decoder.value, "precision": info.precision.value, "memory_format": info.memory_format,
             "embeddings": {name: list(self.h5[f"embeddings/{name}"].shape) for name in self.embedding_names},
-            "faiss": {}, "build": dataclasses.asdict(info.build)}
+            "patches": {name: list(self.h5[f"patches/{name}"].shape) for name in self.patch_names},
+            "faiss": {}, "patch_faiss": {}, "build": dataclasses.asdict(info.build)}
+        # Each names its file, which may have been deleted, or not copied with the index.
         if info.faiss is not None and info.faiss_path is not None:
-            record = info.faiss
-            summary["faiss"] = {"index": record.name, "layer": record.layer, "factory": record.factory,
-                                "nprobe": -1 if record.nprobe is None else record.nprobe, "count": record.count,
-                                "recall_at_10": -1.0 if record.recall_at_10 is None else record.recall_at_10,
-                                "rerank": record.rerank, "note": record.note,
-                                # named by the file; it may have been deleted, or not copied with it
-                                "present": info.faiss_path.is_file()}
+            summary["faiss"] = info.faiss.describe(info.faiss_path)
+        if info.patch_faiss is not None and info.patch_faiss_path is not None:
+            summary["patch_faiss"] = info.patch_faiss.describe(info.patch_faiss_path)
         return summary
 
 

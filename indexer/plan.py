@@ -20,7 +20,7 @@ from .checkpoint import image_list_hash
 from .choices import Decoder, Precision
 from .distributed import local_world_size
 from .images import DEFAULT_MAX_PIXELS, ImageList, scan_folder
-from .index_file import check_output
+from .index_file import PatchGrid, check_output
 from .layers import addressable_layers, check_indexable, resolve_layers
 from .models import LoadedModel, load_model
 from .precision import Numerics, choose_numerics
@@ -52,6 +52,8 @@ class BuildConfig:
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # images per process between checkpoints; 0: never
     resume: bool = False  # continue the partial build beside `out`, if there is one
     faiss_factory: str | None = None  # None: chosen by the data's size; "none": no FAISS file
+    patch_layer: str | None = None  # also store every position's vector of this layer, for patch search; None: off
+    patch_factory: str | None = None  # the patch vectors' FAISS index; None: chosen (<= 64 bytes a vector); "none"
     decoder: Decoder = Decoder.PIL  # how image files become network inputs (decode.py)
     precision: Precision = Precision.FP32  # what the network computes in (precision.py)
 
@@ -87,6 +89,7 @@ class BuildPlan:
     geometry: dict[str, LayerGeometry]  # the indexed layers, in order
     embed_layer: str | None
     embed_dim: int  # 0 without an embedding layer
+    patch_grid: PatchGrid | None  # --patch-layer's positions and receptive field; None: off
     images: ImageList
     device: torch.device
     mean: tuple[float, float, float]
@@ -117,10 +120,14 @@ def plan_build(config: BuildConfig, device: torch.device) -> BuildPlan:
     embed_dim = _embedding_dim(loaded, geometry, embed_layer, config.input_size, device)
     if config.faiss_factory not in (None, NONE) and embed_layer is not None:
         check_factory(config.faiss_factory, embed_dim)
+    patch_grid = _patch_grid(config, loaded, geometry, device)
+    if config.patch_factory not in (None, NONE) and patch_grid is not None:
+        check_factory(config.patch_factory, patch_grid.channels)
     mean = config.mean or loaded.mean
     std = config.std or loaded.std
     numerics = choose_numerics(config.precision, device, loaded.module, config.input_size)
-    return BuildPlan(config, loaded, geometry, embed_layer, embed_dim, images, device, mean, std, numerics)
+    return BuildPlan(config, loaded, geometry, embed_layer, embed_dim, patch_grid, images, device, mean, std,
+                     numerics)
 
 
 def _embed_layer(config: BuildConfig, loaded: LoadedModel, layers: list[str]) -> str | None:
@@ -147,6 +154,30 @@ def _embedding_dim(loaded: LoadedModel, geometry: dict[str, LayerGeometry], embe
     return traced[embed_layer].channels
 
 
+def _patch_grid(config: BuildConfig, loaded: LoadedModel, geometry: dict[str, LayerGeometry],
+                device: torch.device) -> PatchGrid | None:
+    """--patch-layer's grid: a layer with a (C, H, W) output and a receptive field, indexed or not."""
+    name = config.patch_layer
+    if not name:
+        return None
+    names = addressable_layers(loaded.module)
+    if name not in names:
+        raise not_found("layer", name, names, hint="for --patch-layer")
+    traced = geometry if name in geometry else trace_geometry(loaded.module, config.input_size, [name],
+                                                              device=device)
+    if name not in traced:
+        raise UserError(f"--patch-layer '{name}' does not run in the forward pass; choose another")
+    layer = traced[name]
+    check_indexable(layer, role="--patch-layer")
+    if layer.layout != "CHW" or layer.field is None:
+        why = "one vector per image, no positions" if layer.layout == "C" else layer.note
+        raise UserError(f"--patch-layer '{name}' has no feature positions with receptive fields ({why}); choose a "
+                        "convolutional layer with a spatial map, such as the last indexed stage")
+    fy, fx = layer.field
+    return PatchGrid(name, layer.channels, layer.height, layer.width, (fy.size, fx.size), (fy.stride, fx.stride),
+                     (fy.padding, fx.padding))
+
+
 def shard_ranges(n: int, batch_size: int, world_size: int) -> list[tuple[int, int]]:
     """Contiguous id ranges, one per rank, cut at batch boundaries.
 
@@ -166,6 +197,8 @@ def fingerprint(plan: BuildPlan, world_size: int) -> dict[str, object]:
             "layers": list(plan.geometry), "k": config.k, "bottom_k": config.bottom_k,
             "input_size": config.input_size, "mean": list(plan.mean), "std": list(plan.std),
             "embed_layer": plan.embed_layer, "embed_dim": plan.embed_dim,
+            "patch_layer": plan.patch_grid.layer if plan.patch_grid else None,
+            "patch_dim": plan.patch_grid.positions * plan.patch_grid.channels if plan.patch_grid else 0,
             "max_pixels": config.max_pixels, "batch_size": config.batch_size, "world_size": world_size,
             "device_type": plan.device.type, "images_count": len(plan.images.paths),
             "decoder": config.decoder.value, "precision": config.precision.value,

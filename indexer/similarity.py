@@ -40,7 +40,7 @@ import numpy as np
 from actindex.kernels.errors import UserError
 
 from .atomic import atomic_path
-from .index_file import FaissRecord, IndexReader
+from .index_file import PATCH_PREFIX, FaissRecord, IndexReader
 
 _BLOCK_BYTES = 64 << 20  # rows read per block: 64 MB of float32, e.g. 32768 rows of 512
 _CALIBRATION_K = 10  # recall@10 is what the user sees on a result page
@@ -98,7 +98,7 @@ def _valid_rows(block: np.ndarray) -> np.ndarray:
     return np.isfinite(block).all(axis=1) & (block != 0).any(axis=1)
 
 
-def choose_factory(n: int, dim: int) -> str:
+def choose_factory(n: int, dim: int, max_bytes: int | None = None) -> str:
     """The index for n vectors of dim dimensions: exact while one query may scan them all, else a compact
     candidate search whose candidates are re-ranked exactly on the stored vectors (`SimilarityIndex`). The
     latency, recall, memory and build time each regime reaches are measured by scripts/bench_search.py and
@@ -110,7 +110,8 @@ def choose_factory(n: int, dim: int) -> str:
       nlist = the power of two nearest 4 * sqrt(n), capped so that k-means costs at most 64 * 1024^2 * 512
       multiply-adds per iteration (1.28M -> IVF1024), and 4-bit fast-scan PQ codes of 2 dimensions each
       ("PQ128x4fs": 64 bytes a vector, scanned in SIMD registers), with half as many sub-quantizers, each
-      twice as wide, as long as codes and ids would pass 4 GB (100M -> PQ64x4fs).
+      twice as wide, as long as codes and ids would pass 4 GB (100M -> PQ64x4fs) or a vector's code and its
+      8-byte id would pass `max_bytes` (patch vectors: 64 -> PQ64x4fs, 40 bytes).
     Candidates come from the codes; the answer from the stored float32 vectors, so scores are exact cosines and
     recall is limited only by how many candidates are re-ranked (calibrated, with nprobe, at build time).
     """
@@ -122,7 +123,8 @@ def choose_factory(n: int, dim: int) -> str:
         nlist //= 2
     nlist = min(nlist, max(16, n // 39))  # faiss wants >= 39 training points per list
     m = reduced // 2 if reduced % 2 == 0 else reduced  # 4-bit codes of 2 dimensions (1 when odd)
-    while m % 2 == 0 and m > 8 and n * (m // 2 + 8) > _MEMORY_BUDGET:  # code bytes + an 8-byte id per vector
+    while m % 2 == 0 and m > 8 and (n * (m // 2 + 8) > _MEMORY_BUDGET or  # code bytes + an 8-byte id a vector
+                                    (max_bytes is not None and m // 2 + 8 > max_bytes)):
         m //= 2
     rotation = f"PCAR{reduced}," if reduced < dim else ""
     return f"{rotation}IVF{nlist},PQ{m}x4fs"
@@ -217,27 +219,30 @@ def read_vector_index(path: Path) -> faiss.Index:
 class StoredVectors:
     """Rows of an (N, D) array or HDF5 dataset by id, without reading the whole matrix: the exact copy that an
     approximate index's candidates are re-ranked on. A contiguous float32 dataset of a file opened read-only
-    (what a build writes) is read with one `pread` per row at its offset in the file; anything else through
-    h5py (or numpy) indexing."""
+    (what a build writes) is read with one `pread` per row at its offset in the file (float16 patch vectors
+    too); anything else through h5py (or numpy) indexing. Rows come back as float32."""
 
     def __init__(self, vectors: VectorSource) -> None:
         self.vectors = vectors
         self.dim = int(vectors.shape[1])
         self._fd: int | None = None
         self._offset = 0
+        self._dtype = np.dtype("<f4")
         if isinstance(vectors, h5py.Dataset) and vectors.file.mode == "r" and vectors.chunks is None \
-                and vectors.compression is None and vectors.dtype == np.dtype("<f4"):
+                and vectors.compression is None and vectors.dtype in (np.dtype("<f4"), np.dtype("<f2")):
             offset = vectors.id.get_offset()
             if offset is not None:
                 self._fd, self._offset = os.open(vectors.file.filename, os.O_RDONLY), int(offset)
+                self._dtype = vectors.dtype
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids), D) float32: the rows of `ids` (valid ids, in any order, repeats allowed), in that order."""
         ids = np.asarray(ids, dtype=np.int64)
         if self._fd is not None:
-            size = 4 * self.dim
+            dtype = self._dtype
+            size = dtype.itemsize * self.dim
             data = b"".join(os.pread(self._fd, size, self._offset + int(i) * size) for i in ids)
-            return np.frombuffer(data, dtype=np.float32).reshape(len(ids), self.dim)
+            return np.frombuffer(data, dtype=dtype).reshape(len(ids), self.dim).astype(np.float32, copy=False)
         order, unique = np.unique(ids, return_inverse=True)  # h5py reads increasing ids only
         return np.asarray(self.vectors[order], dtype=np.float32)[unique] if len(ids) else \
             np.zeros((0, self.dim), dtype=np.float32)
@@ -553,9 +558,28 @@ def index_for(dataset: h5py.Dataset, index: Path, factory: str | None,
     return vectors, attributes(info, str(dataset.name).rsplit("/", 1)[-1], vector_index_path(index))
 
 
-def attributes(info: VectorIndexInfo, layer: str, final: Path) -> dict[str, Any]:
+def attributes(info: VectorIndexInfo, layer: str, final: Path, prefix: str = "faiss") -> dict[str, Any]:
     return FaissRecord(final.name, layer, info.factory, info.nprobe, info.count, info.recall_at_10, info.rerank,
-                       info.note).to_attrs()
+                       info.note).to_attrs(prefix)
+
+
+PATCH_BYTES = 64  # the most a patch vector's code and id may take in a FAISS index: 63M vectors at 7 x 7 = 4 GB
+
+
+def patch_index_path(index: Path) -> Path:
+    """INDEX.h5 -> INDEX.patches.faiss beside it."""
+    return index.with_name(index.stem + ".patches.faiss")
+
+
+def patch_index_for(dataset: h5py.Dataset, index: Path, factory: str | None,
+                    progress: Progress | None = None) -> tuple[Any, dict[str, Any]]:
+    """The FAISS index over the (N * H * W, C) patch vectors `dataset` (ids = row numbers = `PatchGrid.ids`), and
+    the `patch_faiss_*` attributes of its file; written like `index_for`'s. The default factory keeps each
+    vector's code and id within `PATCH_BYTES`."""
+    n, dim = int(dataset.shape[0]), int(dataset.shape[1])
+    vectors, info = build_vector_index(dataset, factory or choose_factory(n, dim, PATCH_BYTES), progress)
+    layer = str(dataset.name).rsplit("/", 1)[-1]
+    return vectors, attributes(info, layer, patch_index_path(index), PATCH_PREFIX)
 
 
 def open_vector_index(reader: IndexReader, layer: str | None = None) -> SimilarityIndex:
@@ -605,5 +629,21 @@ def rebuild(index: Path, layer: str | None = None, factory: str | None = None,
     write_vector_index(vectors, final)
     with h5py.File(index, "r+") as h5:  # a few small attributes, rewritten in place
         for key, value in attributes(info, chosen, final).items():
+            h5.attrs[key] = value
+    return final, info, chosen
+
+
+def rebuild_patches(index: Path, layer: str | None = None, factory: str | None = None,
+                    progress: Progress | None = None) -> tuple[Path, VectorIndexInfo, str]:
+    """`actindex faiss --patches`: (re)build the patch vectors' FAISS file of `index`, without the network."""
+    with IndexReader(index) as reader:
+        chosen = layer or reader.info.patch_layer or (reader.patch_names or [""])[0]
+        dataset = reader.patches(chosen)  # a one-line error without patch vectors, or for another layer
+        n, dim = int(dataset.shape[0]), int(dataset.shape[1])
+        vectors, info = build_vector_index(dataset, factory or choose_factory(n, dim, PATCH_BYTES), progress)
+    final = patch_index_path(index)
+    write_vector_index(vectors, final)
+    with h5py.File(index, "r+") as h5:  # a few small attributes, rewritten in place
+        for key, value in attributes(info, chosen, final, PATCH_PREFIX).items():
             h5.attrs[key] = value
     return final, info, chosen

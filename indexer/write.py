@@ -1,7 +1,7 @@
 """The index file a build leaves: the top-k tables (and, on request, the lowest-k) with their receptive-field
-boxes, the units' means, the image list and skipped files, the embedding rows, and the FAISS file beside it
-(docs/FORMAT.md). Written whole or not at all; the FAISS file takes its place just before the HDF5 file does, so
-an index never names a missing FAISS file.
+boxes, the units' means, the image list and skipped files, the embedding rows and (with --patch-layer) the patch
+vectors, and the FAISS files beside it (docs/FORMAT.md). Written whole or not at all; the FAISS files take their
+place just before the HDF5 file does, so an index never names a missing FAISS file.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
+import numpy as np
 import torch
 
 from actindex.kernels.receptive_field import LayerGeometry, boxes
@@ -25,22 +26,25 @@ from . import jpeg
 from .accumulate import IndexAccumulator
 from .atomic import atomic_path
 from .choices import Decoder
-from .index_file import IndexWriter, LayerHits, check_output
+from .index_file import PATCH_PREFIX, IndexWriter, LayerHits, check_output
 from .plan import BuildPlan
-from .rows import RowFile
-from .similarity import NONE, index_for, vector_index_path, write_vector_index
+from .rows import EMBEDDING, PATCHES, RowFile
+from .similarity import NONE, index_for, patch_index_for, patch_index_path, vector_index_path, write_vector_index
 
 
 def write_index(plan: BuildPlan, accumulator: IndexAccumulator, skipped: list[tuple[int, str]],
-                copy_rows: Callable[[h5py.Dataset], None], world_size: int, seconds: float) -> tuple[float, str]:
-    """Write the index at `plan.config.out` from the merged `accumulator`; `copy_rows` fills the (N, D)
-    embeddings dataset. Returns the seconds spent on the FAISS index (0 without one) and the FAISS
-    calibration's note ("" when it reached its target)."""
+                copy_rows: dict[str, Callable[[h5py.Dataset], None]], world_size: int,
+                seconds: float) -> tuple[float, str]:
+    """Write the index at `plan.config.out` from the merged `accumulator`; `copy_rows[rows.EMBEDDING]` fills the
+    (N, D) embeddings dataset, `copy_rows[rows.PATCHES]` the (N * H * W, C) patch vectors. Returns the seconds
+    spent on the FAISS indexes (0 without) and the FAISS calibrations' notes ("" when they reached their
+    targets)."""
     config = plan.config
     check_output(config.out, config.overwrite)
-    faiss_seconds, note = 0.0, ""
+    faiss_seconds, notes = 0.0, []
+    readable = len(skipped) < len(plan.images.paths)
     with atomic_path(config.out, durable=True) as tmp:
-        vectors = None
+        vectors = patch_vectors = None
         with h5py.File(tmp, "w") as h5:
             writer = IndexWriter(h5)
             writer.write_images(plan.images.paths, plan.images.labels, plan.images.classes)
@@ -59,28 +63,47 @@ def write_index(plan: BuildPlan, accumulator: IndexAccumulator, skipped: list[tu
             attrs = _attrs(plan, world_size, len(skipped), seconds)
             if plan.embed_layer is not None:
                 embeddings = writer.create_embeddings(plan.embed_layer, len(plan.images.paths), plan.embed_dim)
-                copy_rows(embeddings)
-                if config.faiss_factory != NONE and len(skipped) < len(plan.images.paths):
+                copy_rows[EMBEDDING](embeddings)
+                if config.faiss_factory != NONE and readable:
                     tick = time.perf_counter()
                     vectors, faiss_attrs = index_for(embeddings, config.out, config.faiss_factory)
                     attrs.update(faiss_attrs)
-                    faiss_seconds, note = time.perf_counter() - tick, str(faiss_attrs["faiss_note"])
+                    faiss_seconds += time.perf_counter() - tick
+                    notes.append(str(faiss_attrs["faiss_note"]))
+            if plan.patch_grid is not None:
+                patches = writer.create_patches(plan.patch_grid, len(plan.images.paths))
+                copy_rows[PATCHES](patches)
+                attrs["patch_layer"] = plan.patch_grid.layer
+                if config.patch_factory != NONE and readable:
+                    tick = time.perf_counter()
+                    patch_vectors, patch_attrs = patch_index_for(patches, config.out, config.patch_factory)
+                    attrs.update(patch_attrs)
+                    faiss_seconds += time.perf_counter() - tick
+                    notes.append(f"patches: {patch_attrs[PATCH_PREFIX + '_note']}"
+                                 if patch_attrs[PATCH_PREFIX + "_note"] else "")
             writer.write_attrs(attrs)
-        if vectors is not None:  # before the HDF5 file appears: it never names a missing FAISS file
+        # Before the HDF5 file appears: it never names a missing FAISS file.
+        if vectors is not None:
             write_vector_index(vectors, vector_index_path(config.out))
-    return faiss_seconds, note
+        if patch_vectors is not None:
+            write_vector_index(patch_vectors, patch_index_path(config.out))
+    return faiss_seconds, " ".join(note for note in notes if note)
 
 
-def copy_row_files(dataset: h5py.Dataset, files: list[tuple[Path, int, int]], dim: int) -> None:
-    """Row files (path, first id, end id) into the (N, D) dataset in id order, 32 MiB at a time: memory stays
-    bounded whatever N."""
-    step = max(1, (32 << 20) // (4 * max(dim, 1)))
+def copy_row_files(dataset: h5py.Dataset, files: list[tuple[Path, int, int]], dim: int,
+                   dtype: type = np.float32) -> None:
+    """Row files (path, first id, end id) of `dim` values an image into the dataset in id order, 32 MiB at a
+    time: memory stays bounded whatever N. An image's row is one row of an (N, D) dataset (embeddings), or
+    `dim / C` rows of an (N * H * W, C) one (patch vectors)."""
+    width = int(dataset.shape[1])
+    per_image = max(dim, 1) // max(width, 1)
+    step = max(1, (32 << 20) // (np.dtype(dtype).itemsize * max(dim, 1)))
     for path, start, end in files:
-        rows = RowFile(path, start, end, dim)
+        rows = RowFile(path, start, end, dim, dtype)
         try:
             for a in range(start, end, step):
                 b = min(a + step, end)
-                dataset[a:b] = rows.read(a, b)
+                dataset[a * per_image:b * per_image] = rows.read(a, b).reshape(-1, width)
         finally:
             rows.close()
 

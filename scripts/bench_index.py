@@ -40,7 +40,7 @@ from torch import nn
 from actindex.indexer.accumulate import IndexAccumulator
 from actindex.indexer.layers import resolve_layers
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
-from actindex.indexer.rows import RowFile, RowSink
+from actindex.indexer.rows import EMBEDDING, RowFile, RowSink
 
 LAYERS = "conv1,layer1,layer2,layer3,layer4"
 
@@ -81,7 +81,7 @@ class Ours:
                                     labels=labels, classes=classes, bottom_k=bottom_k)
         # Embeddings go where the build puts them while streaming: a row file on disk, not memory.
         self.folder = tempfile.TemporaryDirectory()
-        self.rows = RowSink(RowFile(Path(self.folder.name) / "rows", 0, images, channels[embed]))
+        self.rows = RowSink({EMBEDDING: RowFile(Path(self.folder.name) / "rows", 0, images, channels[embed])})
 
     def step(self, pixels: torch.Tensor, ids: torch.Tensor) -> None:
         # As the build does: embeddings go to host memory, copied while the next batch runs.

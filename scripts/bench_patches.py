@@ -1,0 +1,281 @@
+"""Patch search: recall@10, per-query latency, bytes per vector and build time of the FAISS index over per-position
+CNN feature vectors (one vector per image and spatial position, e.g. 7 x 7 = 49 a 224-pixel image at stride 32).
+
+On a seeded Gaussian mixture shaped like post-ReLU activations (bench_search's `mixture`: non-negative cluster
+means, points clipped at zero), `--images x --positions` vectors of `--dim` dimensions, stored as float16 (the
+library stores patch vectors as float16; `StoredVectors` hands back float32 rows), generated in blocks:
+  * exact ground truth: the top-10 cosines of `--queries` held-out draws of the same mixture (not in the index),
+    computed blockwise in numpy (float32 matmul of normalized queries and blocks, a running top-10), never as a
+    faiss Flat over everything (4.9M x 512 float32 would take 10 GB); its time is printed;
+  * for each `--factory` (default `auto`: `choose_factory(n, dim, max_bytes=--max-bytes)`, e.g.
+    `PCAR256,IVF1024,PQ64x4fs`): build time of `build_vector_index` (sampling, training, adding, calibration of
+    nprobe and re-rank depth), the calibrated nprobe, re-rank factor and recall, recall@10 of `SimilarityIndex`
+    (candidates re-ranked exactly on the float16 vectors, in memory here) searched in one batch, single-query
+    latency p50 / p99 (one query at a time, as an interactive user asks), and the FAISS file's size per vector
+    (`faiss.write_index` to a temporary file; codes, ids, inverted lists, PCA matrix and all);
+  * on paper, for ImageNet train (1,281,167 images) at 7 x 7 and 14 x 14 positions and 512, 1024, 2048 dims:
+    what `choose_factory` picks, its codes + 8-byte ids per vector and in all (in RAM while searching), and the
+    float16 vectors on disk (2 bytes x dim x count) that candidates are re-ranked on.
+With `--demo INDEX.h5`, also on every `/patches/<layer>` of an actindex index ((N*H*W, C) float16, row =
+image*H*W + y*W + x; NaN and all-zero rows are not indexed), read from the file as a build would, with 200 indexed
+vectors as queries (each query's own row excluded from both result lists).
+
+Synthetic positions are independent draws: real patches of one image are correlated with each other, which this
+does not model.
+
+Targets (at 100k images x 49 positions = 4.9M vectors of 512): recall@10 >= 0.9, p50 <= 20 ms per single query,
+<= 64 bytes a vector.
+
+    python scripts/bench_patches.py --images 2000
+    python scripts/bench_patches.py --images 100000 --positions 49 --dim 512 --threads 2
+    python scripts/bench_patches.py --factory auto --factory PCAR192,IVF1024,PQ96x4fs --demo demo-output/index.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import faiss
+import h5py
+import numpy as np
+from bench_search import K, latencies_ms, mixture, recall_at_k, without_self
+
+from actindex.indexer.similarity import (
+    SimilarityIndex,
+    StoredVectors,
+    VectorSource,
+    build_vector_index,
+    choose_factory,
+    normalize,
+)
+
+TARGET_RECALL = 0.9
+TARGET_P50_MS = 20.0
+IMAGENET_TRAIN = 1_281_167
+PAPER_POSITIONS = (7 * 7, 14 * 14)
+PAPER_DIMS = (512, 1024, 2048)
+DEMO_QUERIES = 200
+BLOCK = 65536  # rows per block: 64 MB of float16 at 512 dims, 128 MB once float32
+
+
+@dataclass
+class Row:
+    name: str
+    n: int
+    dim: int
+    factory: str
+    nprobe: int | None
+    rerank: int
+    build_s: float
+    calibrated_recall: float | None
+    recall: float
+    p50_ms: float
+    p99_ms: float
+    file_bytes: int
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return self.file_bytes / max(1, self.n)
+
+    def meets(self, max_bytes: int) -> bool:
+        return self.recall >= TARGET_RECALL and self.p50_ms <= TARGET_P50_MS and self.bytes_per_vector <= max_bytes
+
+
+def synthetic(n: int, dim: int, clusters: int, noise: float) -> np.ndarray:
+    """(n, dim) float16 from `mixture` (means seed 0), generated BLOCK rows at a time: float32 only per block."""
+    out = np.empty((n, dim), dtype=np.float16)
+    for i, a in enumerate(range(0, n, BLOCK)):
+        b = min(n, a + BLOCK)
+        # Block i draws with its own seed (10000 + i); the held-out queries use draw_seed 2.
+        out[a:b] = mixture(b - a, dim, clusters, seed=0, draw_seed=10_000 + i, noise=noise)
+    return out
+
+
+def valid_rows(rows: np.ndarray) -> np.ndarray:
+    """(B,) bool: the rows the index holds (finite and not all zero)."""
+    return np.isfinite(rows).all(axis=1) & (rows != 0).any(axis=1)
+
+
+def exact_top(vectors: VectorSource, queries: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k) ids of the exact top-k cosines over the valid rows of `vectors`, best first; -1 where fewer."""
+    q = normalize(queries)  # (Q, D)
+    best_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_ids = np.full((len(q), k), -1, dtype=np.int64)
+    n = vectors.shape[0]
+    for a in range(0, n, BLOCK):
+        rows = np.asarray(vectors[a:min(n, a + BLOCK)], dtype=np.float32)  # (B, D)
+        scores = q @ normalize(rows).T  # (Q, B)
+        scores[:, ~valid_rows(rows)] = -np.inf  # NaN and zero rows are not indexed
+        if scores.shape[1] > k:
+            top = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:]  # (Q, k), unordered
+        else:
+            top = np.broadcast_to(np.arange(scores.shape[1]), (len(q), scores.shape[1]))
+        both_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+        both_ids = np.concatenate([best_ids, top + a], axis=1)
+        order = np.lexsort((both_ids, -both_scores), axis=1)[:, :k]  # best first, ties to the lower id
+        best_scores = np.take_along_axis(both_scores, order, axis=1)
+        best_ids = np.take_along_axis(both_ids, order, axis=1)
+    return np.where(np.isfinite(best_scores), best_ids, -1)
+
+
+def file_bytes(index: faiss.Index) -> int:
+    """Size of the index as `faiss.write_index` writes it."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "index.faiss")
+        faiss.write_index(index, path)
+        return os.path.getsize(path)
+
+
+def measure(name: str, x: VectorSource, factory: str, queries: np.ndarray, truth: np.ndarray,
+            own: np.ndarray | None) -> Row:
+    """`truth`: exact top-K (top-(K + 1) with `own`, the queries' own row ids, excluded from both lists)."""
+    print(f"  {name}: building '{factory}' ...", flush=True)
+    built, info = build_vector_index(x, factory)
+    if info.note:
+        print(f"  note: {info.note}")
+    index = SimilarityIndex(built, StoredVectors(x), info.rerank)
+    try:
+        extra = 0 if own is None else 1
+        _, found = index.search(queries, K + extra)  # one batch
+        if own is not None:
+            truth, found = without_self(truth, own), without_self(found, own)
+        times = latencies_ms(index, queries)
+    finally:
+        index.close()
+    row = Row(name, info.count, info.dim, info.factory, info.nprobe, info.rerank, info.seconds, info.recall_at_10,
+              recall_at_k(found, truth), float(np.percentile(times, 50)), float(np.percentile(times, 99)),
+              file_bytes(built))
+    print(f"  built in {row.build_s:.1f} s: nprobe {row.nprobe}, rerank {row.rerank}, recall@10 {row.recall:.3f}, "
+          f"p50 {row.p50_ms:.2f} ms, {row.bytes_per_vector:.1f} B/vector", flush=True)
+    return row
+
+
+def factories_for(requested: list[str], n: int, dim: int, max_bytes: int) -> list[str]:
+    """`auto` -> choose_factory(n, dim, max_bytes); others as given; duplicates dropped, order kept."""
+    chosen = [choose_factory(n, dim, max_bytes=max_bytes) if f == "auto" else f for f in requested]
+    return list(dict.fromkeys(chosen))
+
+
+def code_bytes(factory: str, dim: int) -> int:
+    """Bytes an index of `factory` keeps per vector: its code, plus an 8-byte id in an IVF."""
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        return int(faiss.extract_index_ivf(index).code_size) + 8
+    except RuntimeError:  # not an IVF: an id map's 8 bytes beside the codes
+        return int(index.sa_code_size()) + 8
+
+
+def print_table(rows: list[Row], max_bytes: int) -> None:
+    head = (f"{'data':<18} {'n':>9} {'dim':>5} {'factory':<28} {'nprobe':>6} {'rerank':>6} {'build s':>8} "
+            f"{'calib r@10':>10} {'recall@10':>9} {'p50 ms':>7} {'p99 ms':>7} {'B/vector':>8} {'targets':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        calib = f"{r.calibrated_recall:.3f}" if r.calibrated_recall is not None else "exact"
+        print(f"{r.name:<18} {r.n:>9} {r.dim:>5} {r.factory:<28} {r.nprobe or '-':>6} {r.rerank:>6} "
+              f"{r.build_s:>8.1f} {calib:>10} {r.recall:>9.3f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} "
+              f"{r.bytes_per_vector:>8.1f} {'met' if r.meets(max_bytes) else 'MISSED':>7}")
+
+
+def print_paper(max_bytes: int, overrides: list[str]) -> None:
+    """ImageNet train on paper: index RAM (codes + ids) and float16 vectors on disk."""
+    print(f"On paper: ImageNet train ({IMAGENET_TRAIN:,} images), choose_factory(n, dim, max_bytes={max_bytes})")
+    head = (f"{'positions':>9} {'dim':>5} {'vectors':>13} {'factory':<28} {'B/vector':>8} {'codes+ids GB':>12} "
+            f"{'float16 GB':>10}")
+    print(head)
+    print("-" * len(head))
+    for positions in PAPER_POSITIONS:
+        count = IMAGENET_TRAIN * positions
+        side = round(positions ** 0.5)
+        for dim in PAPER_DIMS:
+            factory = choose_factory(count, dim, max_bytes=max_bytes)
+            per = code_bytes(factory, dim)
+            print(f"{f'{side}x{side}':>9} {dim:>5} {count:>13,} {factory:<28} {per:>8} {per * count / 1e9:>12.1f} "
+                  f"{2 * dim * count / 1e9:>10.1f}")
+    for factory in overrides:
+        per = code_bytes(factory, max(PAPER_DIMS))
+        sizes = ", ".join(f"{round(p ** 0.5)}x{round(p ** 0.5)}: {per * IMAGENET_TRAIN * p / 1e9:.1f} GB"
+                          for p in PAPER_POSITIONS)
+        print(f"  '{factory}': {per} B/vector of codes + ids -> {sizes}")
+
+
+def demo(path: str, requested: list[str], max_bytes: int) -> list[Row]:
+    rows: list[Row] = []
+    with h5py.File(path, "r") as h5:  # read-only: StoredVectors reads contiguous float16 rows with pread
+        group = h5.get("patches")
+        if not isinstance(group, h5py.Group) or not len(group):
+            print(f"{path}: no /patches group (built without patch vectors); demo skipped")
+            return rows
+        for layer, dataset in group.items():
+            if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 2:
+                continue
+            n, dim = dataset.shape
+            valid = np.concatenate([np.flatnonzero(valid_rows(np.asarray(dataset[a:min(n, a + BLOCK)],
+                                                                         dtype=np.float32))) + a
+                                    for a in range(0, n, BLOCK)]) if n else np.zeros(0, dtype=np.int64)
+            if len(valid) <= K:
+                print(f"demo:{layer}: {len(valid)} valid rows of {n}; skipped")
+                continue
+            own = np.sort(np.random.default_rng(0).choice(valid, min(DEMO_QUERIES, len(valid)), replace=False))
+            queries = np.asarray(dataset[own], dtype=np.float32)  # h5py reads increasing ids
+            started = time.perf_counter()
+            truth = exact_top(dataset, queries, K + 1)
+            print(f"demo:{layer}: {len(valid)} valid of {n} x {dim} ({dataset.dtype}); exact top-{K + 1} of "
+                  f"{len(own)} queries in {time.perf_counter() - started:.1f} s", flush=True)
+            for factory in factories_for(requested, len(valid), dim, max_bytes):
+                rows.append(measure(f"demo:{layer}", dataset, factory, queries, truth, own))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--positions", type=int, default=49, help="vectors per image (7 x 7 = 49)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--clusters", type=int, default=2000)
+    parser.add_argument("--noise", type=float, default=1.0, help="within-cluster spread (cluster means ~ 0.4)")
+    parser.add_argument("--queries", type=int, default=500, help="held-out queries (recall and latency)")
+    parser.add_argument("--factory", action="append", metavar="F",
+                        help="index factory to measure; repeat to compare several side by side ('auto': "
+                             "choose_factory(n, dim, max_bytes)); default: auto")
+    parser.add_argument("--max-bytes", type=int, default=64, help="code + id bytes a vector may take")
+    parser.add_argument("--demo", metavar="INDEX.h5", help="also on an actindex index's /patches/<layer>")
+    parser.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: faiss's default)")
+    args = parser.parse_args()
+    requested = args.factory or ["auto"]
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; targets: recall@10 >= {TARGET_RECALL}, "
+          f"p50 <= {TARGET_P50_MS:g} ms, <= {args.max_bytes} B/vector", flush=True)
+    rows: list[Row] = []
+    n = args.images * args.positions
+    if n:
+        started = time.perf_counter()
+        x = synthetic(n, args.dim, args.clusters, args.noise)
+        queries = mixture(args.queries, args.dim, args.clusters, seed=0, draw_seed=2, noise=args.noise)
+        print(f"{args.images} images x {args.positions} positions = {n} x {args.dim} float16 "
+              f"({x.nbytes / 1e9:.2f} GB) generated in {time.perf_counter() - started:.1f} s", flush=True)
+        started = time.perf_counter()
+        truth = exact_top(x, queries, K)
+        print(f"exact top-{K} of {len(queries)} queries (blockwise numpy) in {time.perf_counter() - started:.1f} s",
+              flush=True)
+        name = f"patches-{args.images // 1000}kx{args.positions}" if args.images >= 1000 else \
+            f"patches-{args.images}x{args.positions}"
+        for factory in factories_for(requested, n, args.dim, args.max_bytes):
+            rows.append(measure(name, x, factory, queries, truth, None))
+        del x
+    if args.demo:
+        rows += demo(args.demo, requested, args.max_bytes)
+    print()
+    if rows:
+        print_table(rows, args.max_bytes)
+        print()
+    print_paper(args.max_bytes, [f for f in requested if f != "auto"])
+
+
+if __name__ == "__main__":
+    main()
