@@ -280,6 +280,13 @@ class CropGeometry:
             _clip(right, self.width),
         )
 
+    def to_input(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """A (y0, x0, y1, x1) box of the original image (continuous: pixel v spans [v, v + 1)) on the network
+        input, in the same continuous coordinates, unclipped (the inverse of `to_original` before rounding)."""
+        y0, x0, y1, x1 = box
+        sy, sx = self.resized_height / self.height, self.resized_width / self.width
+        return (y0 * sy - self.offset_y, x0 * sx - self.offset_x, y1 * sy - self.offset_y, x1 * sx - self.offset_x)
+
     def input_coordinates(self, height: int | None = None, width: int | None = None) -> tuple[torch.Tensor,
                                                                                            torch.Tensor]:
         """Where the centres of the original's rows (height,) and columns (width,) fall on the network input,

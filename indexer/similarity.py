@@ -582,26 +582,31 @@ def patch_index_for(dataset: h5py.Dataset, index: Path, factory: str | None,
     return vectors, attributes(info, layer, patch_index_path(index), PATCH_PREFIX)
 
 
-def open_vector_index(reader: IndexReader, layer: str | None = None) -> SimilarityIndex:
+def open_vector_index(reader: IndexReader, layer: str | None = None, patches: bool = False) -> SimilarityIndex:
     """The similarity index of the open index `reader` for `layer` (default: the one recorded), checked against its
-    stored vectors, which it re-ranks on: keep `reader` open while searching."""
+    stored vectors, which it re-ranks on: keep `reader` open while searching. With `patches`, the patch vectors'
+    index (`INDEX.patches.faiss`, over `/patches/<layer>`)."""
     info = reader.info
-    index, record, path = info.path, info.faiss, info.faiss_path
+    index = info.path
+    record, path = (info.patch_faiss, info.patch_faiss_path) if patches else (info.faiss, info.faiss_path)
+    what, option = ("patch index", " --patches") if patches else ("FAISS index", "")
+    if patches:
+        reader.patch_grid(layer or info.patch_layer)  # an index without patch vectors: say how to get them
     if record is None or path is None:
-        raise UserError(f"'{index}' has no FAISS index; build one with: actindex faiss {index}")
+        raise UserError(f"'{index}' has no {what}; build one with: actindex faiss {index}{option}")
     if layer is not None and layer != record.layer:
-        raise UserError(f"the FAISS index of '{index}' was built from layer '{record.layer}', not '{layer}'; "
-                        f"rebuild it with: actindex faiss {index} --layer {layer}")
+        raise UserError(f"the {what} of '{index}' was built from layer '{record.layer}', not '{layer}'; "
+                        f"rebuild it with: actindex faiss {index}{option} --layer {layer}")
     if not path.is_file():
-        raise UserError(f"the FAISS index '{path}' named by '{index}' is missing; rebuild it with: "
-                        f"actindex faiss {index}")
-    stored = reader.embeddings(record.layer)
+        raise UserError(f"the {what} '{path}' named by '{index}' is missing; rebuild it with: "
+                        f"actindex faiss {index}{option}")
+    stored = reader.patches(record.layer) if patches else reader.embeddings(record.layer)
     dim = int(stored.shape[1])
     vectors = read_vector_index(path)
     if vectors.d != dim or vectors.ntotal != record.count:
         raise UserError(f"'{path}' does not belong to '{index}' ({vectors.ntotal} vectors of {vectors.d} "
                         f"dimensions, the index's '{record.layer}' has {dim}); rebuild it with: actindex faiss "
-                        f"{index}")
+                        f"{index}{option}")
     return SimilarityIndex(vectors, StoredVectors(stored) if record.rerank > 1 else None, record.rerank,
                            record.layer)
 

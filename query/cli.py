@@ -278,12 +278,24 @@ def dream(index: Path | None, model: str | None, weights: str | None, layer: str
               help="PNG to write. Default: similar.png here; with --json, none unless --out is given.")
 @click.option("--json", "as_json", is_flag=True, help="Print the hits and output path as JSON.")
 @click.option("--explain", is_flag=True, help="Guided backprop of each hit's similarity, and its top units.")
+@click.option("--box", help="Patch search: y0,x0,y1,x1 on the image (original pixels); the hits are the patches "
+                            "of other images most like it (indexes built with --patch-layer).")
+@click.option("--from-unit", help="Patch search from a unit's hit: LAYER:UNIT:RANK (RANK 1 is its best), the box "
+                                  "being the hit's receptive field.")
+@click.option("--per-image", default=2, show_default=True, type=int, help="Patch search: the most hits from one "
+                                                                          "image.")
 @click.option("--data-root", type=click.Path(path_type=Path), help="Where the images are now, if they moved.")
 @click.option("--weights", help="Where the index's weights file is now, if it moved (same contents).")
 @click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
 def similar(index: Path, image: Path | None, image_id: int | None, k: int, layer: str | None, out: Path | None,
-            as_json: bool, explain: bool, data_root: Path | None, weights: str | None, device: str | None) -> None:
-    """The images the network sees as most alike (cosine of activation vectors), from a new or indexed image."""
+            as_json: bool, explain: bool, box: str | None, from_unit: str | None, per_image: int,
+            data_root: Path | None, weights: str | None, device: str | None) -> None:
+    """The images the network sees as most alike (cosine of activation vectors), from a new or indexed image;
+    with --box or --from-unit, the patches most like a part of one."""
+    if box is not None or from_unit is not None:
+        _patches(index, image, image_id, box, from_unit, k, per_image, layer, out, as_json, explain, data_root,
+                 weights, device)
+        return
     from .similar import find_similar
 
     out = _picture_path(out, as_json, "similar.png")
@@ -306,6 +318,43 @@ def similar(index: Path, image: Path | None, image_id: int | None, k: int, layer
         units = ("  units " + ", ".join(f"{u} ({c:+.3f})" for u, c in hit.units)) if hit.units else ""
         click.echo(f"  #{hit.rank + 1} {hit.score:.4f}  {hit.path}{units}")
     click.echo(f"Wrote {out}")
+
+
+def _patches(index: Path, image: Path | None, image_id: int | None, box: str | None, from_unit: str | None, k: int,
+             per_image: int, layer: str | None, out: Path | None, as_json: bool, explain: bool,
+             data_root: Path | None, weights: str | None, device: str | None) -> None:
+    """`similar --box` / `--from-unit`: a patch search."""
+    from .patches import UnitHit, find_patches, parse_box
+
+    out = _picture_path(out, as_json, "patches.png")
+    result = find_patches(index, image=image, image_id=image_id, box=parse_box(box) if box else None,
+                          from_unit=UnitHit.parse(from_unit) if from_unit else None, k=k, per_image=per_image,
+                          layer=layer, data=data_root, weights=weights,
+                          device=_device(device) if image is not None or explain else "cpu", explain=explain)
+    if out is not None:
+        from .render import patch_sheet, save_png
+
+        save_png(patch_sheet(result), out)
+    if result.unguided:
+        from .neuron import describe_unguided
+
+        click.echo(f"Note: {describe_unguided(result.unguided)}", err=True)
+    if result.nearest:
+        click.echo("Note: no receptive-field centre of the layer lies inside the box along one axis; the nearest "
+                   "position was taken", err=True)
+    if as_json:
+        click.echo(json.dumps({**result.to_json(), "outputs": {"image": str(out) if out else None}}, indent=2))
+        return
+    source = result.query.get("path", result.query.get("image"))
+    unit = f" (hit of unit {result.query['unit']})" if "unit" in result.query else ""
+    click.echo(f"Nearest patches to box {','.join(map(str, result.box_original))} of {source}{unit} by "
+               f"'{result.layer}' ({len(result.positions)} positions), at most {result.per_image} per image:")
+    for hit in result.hits:
+        units = ("  units " + ", ".join(f"{u} ({c:+.3f})" for u, c in hit.units)) if hit.units else ""
+        click.echo(f"  #{hit.rank + 1} {hit.score:.4f}  {hit.path} at ({hit.y}, {hit.x}), box "
+                   f"{','.join(map(str, hit.box_original))}{units}")
+    if out is not None:
+        click.echo(f"Wrote {out}")
 
 
 @click.command()

@@ -4,6 +4,7 @@ paths by id, and, loaded the first time a query needs them, its network and its 
     with Index("val.h5", device="cuda") as index:
         unit = index.neuron("layer4", 42)          # the unit's hits, checked, with their maps
         near = index.similar(image_id=7, k=9)       # the nearest images by cosine of their vectors
+        eyes = index.patches(image_id=7, box=(40, 60, 90, 120))  # the nearest patches (--patch-layer)
 
 A warm query costs its search and the network's own forward and backward passes on its hits; nothing of it
 grows with the number of images in the index (paths are read by id, the embeddings matrix is never loaded).
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .attribution import Settings
     from .loading import LoadedImage
     from .neuron import NeuronResult
+    from .patches import PatchResult
     from .similar import SimilarResult
 
 
@@ -39,7 +41,7 @@ class Index:
         self.data, self.weights, self.device = data, weights, device
         self._loaded: LoadedModel | None = None
         self._layers: dict[tuple[str, bool], LayerHits] = {}
-        self._similarity: dict[str | None, SimilarityIndex] = {}
+        self._similarity: dict[tuple[str | None, bool], SimilarityIndex] = {}
 
     def __enter__(self) -> Index:
         return self
@@ -78,11 +80,12 @@ class Index:
         return load_index_images(data_root(self.info, self.data), self.paths(ids), self.info, self.data is not None,
                                  self.device)
 
-    def similarity(self, layer: str | None = None) -> SimilarityIndex:
-        """The similarity index of `layer` (default: the one built), opened on first use."""
-        if layer not in self._similarity:
-            self._similarity[layer] = open_vector_index(self.reader, layer)
-        return self._similarity[layer]
+    def similarity(self, layer: str | None = None, patches: bool = False) -> SimilarityIndex:
+        """The similarity index of `layer` (default: the one built), opened on first use; with `patches`, the
+        patch vectors' index."""
+        if (layer, patches) not in self._similarity:
+            self._similarity[layer, patches] = open_vector_index(self.reader, layer, patches)
+        return self._similarity[layer, patches]
 
     def neuron(self, layer: str, unit: int, k: int | None = None, lowest: bool = False,
                settings: Settings | None = None, sanity: int = 0, seed: int = 0) -> NeuronResult:
@@ -100,3 +103,14 @@ class Index:
         from .similar import nearest
 
         return nearest(self, image, image_id, k, layer, explain, pictures)
+
+    def patches(self, image: Path | None = None, image_id: int | None = None,
+                box: tuple[float, float, float, float] | None = None, from_unit: str | None = None, k: int = 9,
+                per_image: int = 2, layer: str | None = None, explain: bool = False) -> PatchResult:
+        """`actindex similar --box`: the k patches nearest to `box` (y0, x0, y1, x1, original-image pixels) of a new
+        image or an indexed one, or to unit hit `from_unit` ("LAYER:UNIT:RANK", rank 1 the best), at most
+        `per_image` from one image; indexes built with --patch-layer."""
+        from .patches import UnitHit, search_patches
+
+        return search_patches(self, image, image_id, box, UnitHit.parse(from_unit) if from_unit else None, k,
+                              per_image, layer, explain)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .loading import LoadedImage
     from .maps import UnitMaps
     from .neuron import NeuronResult
+    from .patches import PatchResult
     from .similar import SimilarResult
 
 TILE = 128
@@ -129,10 +130,14 @@ def patch(image: LoadedImage, box: tuple[int, int, int, int]) -> Image.Image:
 def context_tile(result: NeuronResult, rank: int, size: int = TILE) -> Image.Image:
     """The whole original image fitted to a tile, with the patch's box drawn at the tile's resolution (so it
     covers as little of a small image as of a large one)."""
-    hit, image = result.hits[rank], result.images[rank]
-    tile = fit(image.original, size)
-    _, (left, top), scale = _placement(image.original, size)
-    oy0, ox0, oy1, ox1 = hit.box_original
+    return boxed_tile(result.images[rank].original, result.hits[rank].box_original, size)
+
+
+def boxed_tile(original: Image.Image, box: tuple[int, int, int, int], size: int = TILE) -> Image.Image:
+    """An original image fitted to a tile with `box` (y0, x0, y1, x1, original pixels) drawn on it."""
+    tile = fit(original, size)
+    _, (left, top), scale = _placement(original, size)
+    oy0, ox0, oy1, ox1 = box
     draw_box(ImageDraw.Draw(tile), (left + ox0 * scale, top + oy0 * scale, left + ox1 * scale, top + oy1 * scale))
     return tile
 
@@ -294,6 +299,52 @@ def similar_sheet(result: SimilarResult, columns: int = 10) -> Image.Image:
         left = GAP + column * (TILE + GAP)
         top = header + block * cell_h
         sheet.paste(fit(picture), (left, top))
+        if explanation is not None:
+            sheet.paste(fit(explanation), (left, top + TILE + GAP))
+        text_top = top + rows * (TILE + GAP) - 2
+        for line, (text, colour) in enumerate(((first, INK), (second, GREY), (third, GREY))):
+            if text:
+                draw.text((left, text_top + 13 * line), fit_text(text, small, TILE), fill=colour, font=small)
+    return sheet
+
+
+def patch_sheet(result: PatchResult, columns: int = 10) -> Image.Image:
+    """The query image with its box, then each hit's patch (its receptive field, cut from the original image) with
+    its score, image and position; with an explanation, each hit's guided-backprop map of its score over the
+    patch and the units contributing most."""
+    explained = result.maps is not None
+    n = len(result.hits) + 1  # the query takes the first cell
+    columns = min(columns, n)
+    blocks = -(-n // columns)
+    rows = 2 if explained else 1
+    label = LABEL + (14 if explained else 0)
+    cell_h = rows * (TILE + GAP) + label
+    width = GAP + columns * (TILE + GAP)
+    per = f"at most {result.per_image} per image"
+    title = (f"nearest patches by cosine similarity of '{result.layer}' vectors ({per}), each cut to its receptive "
+             "field" + ("; row 2: guided backprop of each score, units contributing most" if explained else ""))
+    header = title_height(title, width)
+    sheet = Image.new("RGB", (width, header + blocks * cell_h + GAP), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    draw_title(draw, title, width)
+    small = font(10)
+    query_name = _name(str(result.query.get("path", result.query.get("image"))))
+    unit = f"unit {result.query['unit']}" if "unit" in result.query else ""
+    cells: list[tuple[Image.Image, Image.Image | None, str, str, str]] = [
+        (boxed_tile(result.query_image.original, result.box_original), None, "query", query_name, unit)]
+    for rank, hit in enumerate(result.hits):
+        explanation = None
+        if result.maps is not None:
+            y0, x0, y1, x1 = hit.box
+            explanation = map_image(result.maps[rank][:, y0:y1, x0:x1])
+        units = " ".join(f"u{u}" for u, _ in hit.units[:3])
+        cells.append((patch(result.images[rank], hit.box), explanation, f"#{rank + 1}  {hit.score:.3f}",
+                      _name(hit.path), units or f"at ({hit.y}, {hit.x})"))
+    for position, (picture, explanation, first, second, third) in enumerate(cells):
+        block, column = divmod(position, columns)
+        left = GAP + column * (TILE + GAP)
+        top = header + block * cell_h
+        sheet.paste(picture if picture.size == (TILE, TILE) else fit(picture), (left, top))
         if explanation is not None:
             sheet.paste(fit(explanation), (left, top + TILE + GAP))
         text_top = top + rows * (TILE + GAP) - 2

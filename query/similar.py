@@ -105,9 +105,10 @@ def nearest(opened: Index, image: Path | None = None, image_id: int | None = Non
         query = {"id": image_id, "path": path}
     else:
         assert image is not None
-        query_image, x = _read_query(image, info, opened.device)
-        with _running(info, opened.device):
-            query_vector = _embed_query(opened.loaded.module, name, x)
+        loaded = read_query(image, info, opened.device)
+        query_image = loaded.original
+        with running(info, opened.device):
+            query_vector = _embed_query(opened.loaded.module, name, normalized(loaded, info, opened.device))
         query = {"image": str(image)}
     scores, ids = similarity.search(query_vector, k)
     found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
@@ -119,12 +120,12 @@ def nearest(opened: Index, image: Path | None = None, image_id: int | None = Non
         if image_id is not None:
             result.query_image = opened.images([image_id])[0].original
     if explain and hits:
-        with _running(info, opened.device):
+        with running(info, opened.device):
             _explain(result, opened.loaded.module, normalize(query_vector)[0], info, opened.device)
     return result
 
 
-def _running(info: IndexInfo, device: str) -> contextlib.AbstractContextManager[None]:
+def running(info: IndexInfo, device: str) -> contextlib.AbstractContextManager[None]:
     """The index's precision around a forward pass (autocast for bf16 and fp16 indexes)."""
     import torch
 
@@ -133,18 +134,28 @@ def _running(info: IndexInfo, device: str) -> contextlib.AbstractContextManager[
     return query_numerics(info, device).running(torch.device(device))
 
 
-def _read_query(image: Path, info: IndexInfo, device: str) -> tuple[Any, torch.Tensor]:
-    """A new image as a PIL image and as the normalized (1, 3, S, S) network input, made as the build made its own."""
-    from actindex.indexer.images import ImageReadError, Normalize, load_rgb
+def read_query(image: Path, info: IndexInfo, device: str) -> LoadedImage:
+    """A new image, decoded and cropped as the build made its own network inputs."""
+    from actindex.indexer.images import ImageReadError, crop_geometry, load_rgb
 
-    from .loading import index_pixels
+    from .loading import LoadedImage, index_pixels
 
     try:
         picture = load_rgb(image)
-        pixels = index_pixels([image], [picture], info, device)[0].unsqueeze(0)  # (1, 3, S, S) uint8
+        pixels = index_pixels([image], [picture], info, device)[0]  # (3, S, S) uint8
     except (ImageReadError, OSError) as error:
         raise UserError(f"cannot read --image '{image}': {error}") from error
-    return picture, Normalize(info.mean, info.std, device)(pixels)
+    return LoadedImage(str(image), pixels, crop_geometry(picture.width, picture.height, info.input_size), picture)
+
+
+def normalized(images: LoadedImage | list[LoadedImage], info: IndexInfo, device: str) -> torch.Tensor:
+    """The (B, 3, S, S) normalized network input of one image or several, on `device`."""
+    import torch
+
+    from actindex.indexer.images import Normalize
+
+    batch = torch.stack([image.pixels for image in (images if isinstance(images, list) else [images])])
+    return Normalize(info.mean, info.std, device)(batch)
 
 
 def _embed_query(model: nn.Module, layer: str, x: torch.Tensor) -> np.ndarray:
@@ -158,12 +169,10 @@ def _explain(result: SimilarResult, model: nn.Module, query: np.ndarray, info: I
     """Guided backprop of q̂ · v̂(x) for every hit image x at once, and the units with the largest terms."""
     import torch
 
-    from actindex.indexer.images import Normalize
     from actindex.kernels.freeze import frozen
     from actindex.kernels.guided import GuidedBackprop
 
-    pixels = torch.stack([image.pixels for image in result.images])  # (k, 3, S, S) uint8
-    x = Normalize(info.mean, info.std, device)(pixels).requires_grad_(True)
+    x = normalized(result.images, info, device).requires_grad_(True)  # (k, 3, S, S)
     q = torch.as_tensor(query, dtype=torch.float32, device=device)  # (D,)
     with frozen(model):
         with GuidedBackprop() as mode:

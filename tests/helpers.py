@@ -32,10 +32,11 @@ def make_images(root: Path, n: int = 37, seed: int = 0, suffix: str = ".png") ->
 
 def run_build(data: Path, weights: Path, out: Path, batch_size: int = 8, workers: int = 0, k: int = 5,
               layers: tuple[str, ...] = LAYERS, embed_layer: str = "down", factory: str | None = None,
-              bottom_k: int = 0) -> Path:
+              bottom_k: int = 0, patch_layer: str | None = None, patch_factory: str | None = None) -> Path:
     build_index(BuildConfig(data=data, model="tiny_models:tiny_net", out=out, weights=str(weights),
                             layers=layers, k=k, input_size=SIZE, batch_size=batch_size, workers=workers,
-                            embed_layer=embed_layer, device="cpu", faiss_factory=factory, bottom_k=bottom_k))
+                            embed_layer=embed_layer, device="cpu", faiss_factory=factory, bottom_k=bottom_k,
+                            patch_layer=patch_layer, patch_factory=patch_factory))
     return out
 
 

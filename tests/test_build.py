@@ -92,7 +92,7 @@ def expected_box(y: int, x: int, field: tuple[tuple[int, int, int], tuple[int, i
 @pytest.fixture(scope="module")
 def index(data: Path, weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_build(data, weights, tmp_path_factory.mktemp("index") / "index.h5", batch_size=7, workers=2,
-                     bottom_k=BOTTOM_K)
+                     bottom_k=BOTTOM_K, patch_layer="block")
 
 
 @pytest.mark.parametrize("lowest", [False, True], ids=["top", "bottom"])
@@ -245,6 +245,31 @@ def test_embeddings_are_spatial_means_and_skipped_rows_are_nan(data: Path, weigh
         else:
             np.testing.assert_allclose(embeddings[i], m.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
     assert labels.tolist() == [int(p.split("/")[0][-1]) for p in paths]
+
+
+def test_patch_vectors_are_every_position_of_the_layer_and_skipped_rows_are_nan(data: Path, weights: Path,
+                                                                                index: Path) -> None:
+    """/patches/block row image * H * W + y * W + x is the layer's (C,) vector at (y, x), in float16; its grid's
+    receptive field is the layer's, as the top-k table records it."""
+    paths, maps = brute_force(data, weights)
+    with IndexReader(index) as reader:
+        grid = reader.patch_grid("block")
+        stored = reader.patches("block")[()]
+        table = reader.layer("block")
+        assert reader.info.patch_layer == "block" and reader.describe()["patches"] == {"block": [len(paths) * 144, 8]}
+    assert (grid.height, grid.width, grid.channels) == (table.height, table.width, table.channels) == (12, 12, 8)
+    assert (grid.rf_size, grid.rf_stride, grid.rf_padding) == (table.rf_size, table.rf_stride, table.rf_padding)
+    assert stored.dtype == np.float16 and stored.shape == (len(paths) * grid.positions, 8)
+    for i, m in enumerate(maps["block"]):
+        rows = stored[grid.ids(i, 0, 0):grid.ids(i, 0, 0) + grid.positions]
+        if m is None:
+            assert np.isnan(rows).all()
+            continue
+        for y, x in ((0, 0), (3, 7), (11, 11)):
+            np.testing.assert_allclose(stored[grid.ids(i, y, x)], m[:, y, x], rtol=2e-3, atol=1e-4)
+        np.testing.assert_allclose(rows.astype(np.float32), m.transpose(1, 2, 0).reshape(-1, 8), rtol=2e-3, atol=1e-4)
+    image, y, x = grid.unravel(np.array([grid.ids(5, 3, 7)]))
+    assert (image[0], y[0], x[0]) == (5, 3, 7)
 
 
 def test_batch_size_and_workers_do_not_change_the_index(data: Path, weights: Path, index: Path,

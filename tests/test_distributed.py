@@ -45,10 +45,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(data: Path, weights: Path, out: Path, **changes: object) -> BuildConfig:
-    """The reference build's settings; --bottom-k on, so that every comparison covers the lowest-k tables too."""
+    """The reference build's settings; --bottom-k and --patch-layer on, so that every comparison covers the
+    lowest-k tables and the patch vectors too."""
     base = BuildConfig(data=data, model="tiny_models:tiny_net", out=out, weights=str(weights), layers=LAYERS, k=5,
                        bottom_k=3, input_size=SIZE, batch_size=BATCH, workers=0, embed_layer="down", device="cpu",
-                       checkpoint_every=8)
+                       checkpoint_every=8, patch_layer="block")
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -59,6 +60,7 @@ def reference(data: Path, weights: Path, tmp_path_factory: pytest.TempPathFactor
     build_index(config(data, weights, out))
     with h5py.File(out) as f:
         assert all(f"layers/{name}/bottom/value" in f for name in LAYERS)  # so every comparison covers them
+        assert f["patches/block"].shape == (46 * 12 * 12, 8) and f.attrs["patch_faiss_count"] > 0
     return out
 
 
@@ -215,7 +217,7 @@ def cli_args(data: Path, weights: Path, out: Path, *extra: str) -> list[str]:
     return ["build", str(data), "--model", "tiny_models:tiny_net", "--weights", str(weights), "--out", str(out),
             "--layers", ",".join(LAYERS), "--k", "5", "--bottom-k", "3", "--input-size", str(SIZE), "--batch-size",
             str(BATCH), "--workers", "0", "--embed-layer", "down", "--device", "cpu", "--checkpoint-every", "8",
-            *extra]
+            "--patch-layer", "block", *extra]
 
 
 def environment() -> dict[str, str]:
