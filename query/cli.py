@@ -375,6 +375,9 @@ def _patches(index: Path, image: Path | None, image_id: int | None, box: str | N
                                 "gradient-x-input, integrated-gradients, grad-cam, occlusion). Default: the site's "
                                 "(guided at first).")
 @click.option("--cam-layer", help="For grad-cam: a layer that runs before every layer of the atlas.")
+@click.option("--patch-boxes", default=3, show_default=True, type=int,
+              help="Indexes built with --patch-layer: each image page's strongest boxes searched for alike patches "
+                   "of other images; 0 for none.")
 @click.option("--data-root", type=click.Path(path_type=Path), help="Where the images are now, if they moved.")
 @click.option("--weights", help="Where the index's weights file is now, if it moved (same contents).")
 @click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
@@ -382,7 +385,7 @@ def _patches(index: Path, image: Path | None, image_id: int | None, box: str | N
 @click.option("--kill-worker", hidden=True, help="Testing: TASK[:ATTEMPTS], the worker running that task dies.")
 def atlas(index: Path, out: Path, layers: str | None, units: str | None, dream: bool, jobs: int,
           batch_size: int | None, image_format: str, overwrite: bool, methods: str | None, cam_layer: str | None,
-          data_root: Path | None, weights: str | None, device: str | None, crash_after: int | None,
+          patch_boxes: int, data_root: Path | None, weights: str | None, device: str | None, crash_after: int | None,
           kill_worker: str | None) -> None:
     """A static website of the index: every layer, unit and hit image, with guided backprop and similar images.
 
@@ -398,7 +401,8 @@ def atlas(index: Path, out: Path, layers: str | None, units: str | None, dream: 
     config = AtlasConfig(index=index, out=out, layers=tuple(_names(layers)) if layers else None, units=units,
                          dream=dream, jobs=jobs, batch_size=batch_size, device=_device(device), data=data_root,
                          weights=weights, image_format=image_format, overwrite=overwrite,
-                         methods=parse_methods(methods) if methods else None, cam_layer=cam_layer)
+                         methods=parse_methods(methods) if methods else None, cam_layer=cam_layer,
+                         patch_boxes=patch_boxes)
     summary = build_atlas(config, progress=True, fault=fault)
     click.echo(f"Atlas of {summary.layers} layers: {summary.unit_pages} unit pages ({summary.units_computed} made "
                f"now), {summary.image_pages} image pages; {summary.files} files, "

@@ -192,7 +192,7 @@ def search_patches(opened: Index, image: Path | None = None, image_id: int | Non
         raise UserError("the layer's vectors are zero at every position in the box (no unit responds there), so "
                         "there is no direction to compare with: choose another box")
     clipped = _round_out(input_box, info.input_size)
-    found = _limited(similarity, query_vector, k, per_image, grid)
+    found = nearest_patches(similarity, query_vector, k, per_image, grid)
     images = opened.images([hit_id for hit_id, *_ in found])
     hits = []
     for rank, ((hit_id, y, x, score), loaded) in enumerate(zip(found, images, strict=True)):
@@ -237,18 +237,18 @@ def _round_out(box: tuple[float, float, float, float], size: int) -> Box:
             min(max(int(np.ceil(y1)), 0), size), min(max(int(np.ceil(x1)), 0), size))
 
 
-def _limited(similarity: SimilarityIndex, query: np.ndarray, k: int, per_image: int,
-             grid: PatchGrid) -> list[tuple[int, int, int, float]]:
-    """The best k (image, y, x, score), at most `per_image` from one image: asks the index for more results until
-    k are kept or it has no more."""
+def nearest_patches(similarity: SimilarityIndex, query: np.ndarray, k: int, per_image: int, grid: PatchGrid,
+                    exclude: int | None = None) -> list[tuple[int, int, int, float]]:
+    """The best k (image, y, x, score) for the (1, C) `query`, at most `per_image` from one image and none from
+    image `exclude`: asks the index for more results until k are kept or it has no more."""
     total = int(similarity.index.ntotal)
-    fetch = min(total, 4 * k * per_image)
+    fetch = min(total, 4 * k * per_image + (grid.positions if exclude is not None else 0))
     while True:
         scores, ids = similarity.search(query, fetch)
         valid = ids[0] >= 0
         images, ys, xs = grid.unravel(ids[0][valid])
         kept: list[tuple[int, int, int, float]] = []
-        taken: dict[int, int] = {}
+        taken: dict[int, int] = {} if exclude is None else {exclude: per_image}
         for image, y, x, score in zip(images.tolist(), ys.tolist(), xs.tolist(), scores[0][valid].tolist(),
                                       strict=True):
             if taken.get(image, 0) < per_image:
@@ -259,6 +259,20 @@ def _limited(similarity: SimilarityIndex, query: np.ndarray, k: int, per_image: 
         if fetch >= total:
             return kept
         fetch = min(total, fetch * 4)
+
+
+def strongest_positions(vectors: np.ndarray, grid: PatchGrid, count: int = 3) -> list[tuple[int, int]]:
+    """An image's `count` positions with the longest vectors (L2; NaN as 0), each at least two positions (along y
+    or x) from those chosen before it, so that they show different parts of the image; strongest first."""
+    norms = np.linalg.norm(np.nan_to_num(np.asarray(vectors, dtype=np.float32)), axis=1)  # (H*W,)
+    chosen: list[tuple[int, int]] = []
+    for row in np.argsort(-norms, kind="stable"):
+        if norms[row] <= 0 or len(chosen) == count:
+            break
+        y, x = divmod(int(row), grid.width)
+        if all(max(abs(y - a), abs(x - b)) >= 2 for a, b in chosen):
+            chosen.append((y, x))
+    return chosen
 
 
 def _explain(result: PatchResult, model: nn.Module, query: np.ndarray, opened: Index) -> None:

@@ -5,6 +5,7 @@ that position first."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +265,42 @@ def test_a_missing_patch_index_file_is_rebuilt_by_actindex_faiss(built: tuple[Pa
         got = a.patches(image_id=1, box=(1, 1, 20, 20), k=5)
         want = b.patches(image_id=1, box=(1, 1, 20, 20), k=5)
     assert [(h.image_id, h.y, h.x) for h in got.hits] == [(h.image_id, h.y, h.x) for h in want.hits]
+
+
+def test_atlas_image_pages_show_the_patches_alike_to_their_strongest_boxes(built: tuple[Path, Path, Path],
+                                                                            tmp_path: Path) -> None:
+    """Each image page: its three strongest positions (longest vectors, two apart), each with the exact nearest
+    positions of other images, one per image; an index without patch vectors has no such section."""
+    from actindex.query.atlas import AtlasConfig, build_atlas
+
+    index, _, _ = built
+    site = tmp_path / "site"
+    build_atlas(AtlasConfig(index=index, out=site, layers=("down",), units="0-1", image_format="png"))
+    with IndexReader(index) as reader:
+        grid = reader.patch_grid("block")
+        vectors = reader.patches("block")[()].astype(np.float64)
+    pages = sorted((site / "images").glob("[0-9]*.html"))
+    assert pages
+    for page in pages[:6]:
+        image_id = int(page.stem)
+        html = page.read_text()
+        assert "<h2>Parts like these elsewhere</h2>" in html
+        own = vectors[image_id * grid.positions:(image_id + 1) * grid.positions]
+        norms = np.linalg.norm(own, axis=1)
+        chosen: list[tuple[int, int]] = []
+        for row in np.argsort(-norms, kind="stable"):
+            y, x = divmod(int(row), grid.width)
+            if norms[row] > 0 and all(max(abs(y - a), abs(x - b)) >= 2 for a, b in chosen):
+                chosen.append((y, x))
+        chosen = chosen[:3]
+        rows = re.findall(r'<div class="neighbours" id="box(\d)">(.*?)</div>', html)
+        assert len(rows) == len(chosen)
+        for (number, row), (y, x) in zip(rows, chosen, strict=True):
+            assert f"box {number} at ({y}, {x})" in row
+            want = [image for image, *_ in exact(index, own[y * grid.width + x], 7, 1) if image != image_id][:6]
+            shown = [int(m) for m in re.findall(r'class="context"(?: href="\d+.html")?><img src="../img/i/(\d+)',
+                                                row)][1:]
+            assert shown == want, page.name
+    plain = tmp_path / "plain"
+    build_atlas(AtlasConfig(index=index, out=plain, layers=("down",), units="0", image_format="png", patch_boxes=0))
+    assert all("Parts like these" not in p.read_text() for p in (plain / "images").glob("[0-9]*.html"))

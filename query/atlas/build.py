@@ -22,14 +22,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actindex.indexer.index_file import IndexInfo, IndexReader, UnitClasses
+from actindex.indexer.index_file import IndexInfo, IndexReader, PatchGrid, UnitClasses
 from actindex.indexer.signals import describe, stops_raise
 from actindex.kernels.errors import Interrupted, UserError, not_found
 from actindex.kernels.overlap import nearest_by_overlap
 
 from ..attribution import Method, Settings
 from .pages import site_size, write_pages
-from .plan import FORMATS, OWN, Layer, NearestUnits, Plan, SiteManifest, index_identity, parse_units, slug
+from .plan import (
+    FORMATS,
+    OWN,
+    Layer,
+    NearestUnits,
+    PatchLink,
+    Plan,
+    SiteManifest,
+    index_identity,
+    parse_units,
+    slug,
+)
 from .pool import KillTask, TaskPool
 from .work import Outcome, Task, Worker, start_worker
 
@@ -70,6 +81,8 @@ class AtlasConfig:
     weights: str | None = None  # where the weights file is now, if it moved
     image_format: str = "webp"
     neighbours: int = 8  # nearest images per image page
+    patch_boxes: int = 3  # strongest boxes per image page searched for alike patches (indexes with --patch-layer)
+    patch_hits: int = 6  # patches shown per box, one per image
     nearest_units: int = 8
     dream_steps: int = 200
     overwrite: bool = False  # replace a site built from another index
@@ -82,8 +95,10 @@ class AtlasConfig:
         for name, value in (("--jobs", self.jobs), ("--batch-size", self.batch_size or 1)):
             if value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")
-        if self.neighbours < 0 or self.nearest_units < 0 or self.dream_steps < 1:
-            raise UserError("--neighbours and nearest units must be at least 0, dream steps at least 1")
+        if self.neighbours < 0 or self.nearest_units < 0 or self.dream_steps < 1 or self.patch_boxes < 0 \
+                or self.patch_hits < 1:
+            raise UserError("--neighbours, --patch-boxes and nearest units must be at least 0, patch hits and dream "
+                            "steps at least 1")
 
 
 @dataclass(frozen=True)
@@ -134,8 +149,10 @@ def build_atlas(config: AtlasConfig, progress: bool = False, *, fault: AtlasFaul
         image_pages = sorted({int(i) for name, units in pages.items() for i in layers[name].hits.image[units].ravel()
                               if i >= 0})
         neighbours, similarity_layer = _neighbours(info, reader, image_pages, config.neighbours)
+        patch_links = _patch_links(info, reader, image_pages, config.patch_boxes, config.patch_hits)
         shown = sorted({int(i) for layer in layers.values() for i in layer.hits.image.ravel() if i >= 0}
-                       | {i for near in (neighbours or {}).values() for i, _ in near})
+                       | {i for near in (neighbours or {}).values() for i, _ in near}
+                       | {hit[0] for links in (patch_links or {}).values() for link in links for hit in link.hits})
         plan = Plan(index=config.index.resolve(), site=site, image_format=manifest.image_format, info=info,
                     paths=dict(zip(shown, reader.paths_of(shown), strict=True)),
                     labels=dict(zip(image_pages, reader.labels_of(image_pages).tolist(), strict=True)),
@@ -144,7 +161,8 @@ def build_atlas(config: AtlasConfig, progress: bool = False, *, fault: AtlasFaul
                     dreams={name: set(units) for name, units in manifest.dreams.items()},
                     nearest=_nearest_units(layers, config.nearest_units), image_pages=image_pages,
                     neighbours=neighbours, similarity_layer=similarity_layer,
-                    unit_classes=_unit_classes(reader, pages), settings=settings)
+                    unit_classes=_unit_classes(reader, pages), settings=settings, patch_links=patch_links,
+                    patch_layer=info.patch_layer if patch_links is not None else "")
     site.mkdir(parents=True, exist_ok=True)
     manifest.write(site)
     tasks = _tasks(plan, manifest)
@@ -254,6 +272,42 @@ def _neighbours(info: IndexInfo, reader: IndexReader, image_pages: list[int],
     return neighbours, similarity.layer
 
 
+def _patch_links(info: IndexInfo, reader: IndexReader, image_pages: list[int], boxes: int,
+                 k: int) -> dict[int, list[PatchLink]] | None:
+    """Per image page, its `boxes` strongest positions of the patch layer (`strongest_positions`), each with the k
+    patches of other images most like it, one per image; None when the index has no patch index."""
+    from actindex.indexer.similarity import open_vector_index
+
+    from ..patches import nearest_patches, strongest_positions
+
+    if info.patch_faiss is None or info.patch_layer not in reader.patch_names or not image_pages or boxes == 0:
+        return None
+    grid = reader.patch_grid(info.patch_layer)
+    stored = reader.patches(grid.layer)
+    similarity = open_vector_index(reader, grid.layer, patches=True)
+    links: dict[int, list[PatchLink]] = {}
+    try:
+        for image_id in image_pages:
+            vectors = np.asarray(stored[image_id * grid.positions:(image_id + 1) * grid.positions], np.float32)
+            if not np.isfinite(vectors).all():
+                continue
+            found = []
+            for y, x in strongest_positions(vectors, grid, boxes):
+                hits = nearest_patches(similarity, vectors[y * grid.width + x][None], k, 1, grid, exclude=image_id)
+                found.append(PatchLink(y, x, _input_box(grid, y, x, info.input_size),
+                                       tuple((image, score, _input_box(grid, hy, hx, info.input_size))
+                                             for image, hy, hx, score in hits)))
+            links[image_id] = found
+    finally:
+        similarity.close()
+    return links
+
+
+def _input_box(grid: PatchGrid, y: int, x: int, size: int) -> tuple[int, int, int, int]:
+    y0, x0, y1, x1 = (int(v) for v in grid.boxes(np.array(y), np.array(x), size))
+    return y0, x0, y1, x1
+
+
 def _tasks(plan: Plan, manifest: SiteManifest) -> list[Task]:
     """What is missing: units whose pictures are not all there, tiles, thumbnails of unknown size."""
     tasks = []
@@ -270,6 +324,8 @@ def _tasks(plan: Plan, manifest: SiteManifest) -> list[Task]:
     shown = set(plan.image_pages)
     for near in (plan.neighbours or {}).values():
         shown.update(i for i, _ in near)
+    for links in (plan.patch_links or {}).values():
+        shown.update(hit[0] for link in links for hit in link.hits)
     images = [i for i in sorted(shown) if i not in manifest.sizes or not (plan.site / plan.image_file(i)).is_file()]
     for start in range(0, len(images), IMAGES_PER_TASK):
         tasks.append(Task("images", "", tuple(images[start:start + IMAGES_PER_TASK])))

@@ -178,6 +178,14 @@ def score_chart(values: np.ndarray, mean: float | None, width: int = 360, height
             f'<text x="{left}" y="{height - 4}">hits 1–{len(values)}</text></svg>')
 
 
+def box_style(plan: Plan, size: tuple[int, int], box: tuple[int, int, int, int]) -> str:
+    """CSS placing a network-input box over its image (original `size`, height and width), in percent."""
+    height, width = size
+    y0, x0, y1, x1 = crop_geometry(width, height, plan.info.input_size).to_original(box)
+    return (f"top:{100 * y0 / height:.2f}%;left:{100 * x0 / width:.2f}%;"
+            f"height:{100 * (y1 - y0) / height:.2f}%;width:{100 * (x1 - x0) / width:.2f}%")
+
+
 def unit_page(plan: Plan, name: str, unit: int, sizes: dict[int, tuple[int, int]],
               unguided: dict[str, int]) -> str:
     """`sizes`: original (height, width) of the hit images; `unguided`: activations guided backprop could not
@@ -189,11 +197,8 @@ def unit_page(plan: Plan, name: str, unit: int, sizes: dict[int, tuple[int, int]
     figures = []
     for rank in range(count):
         image_id = int(hits.image[unit, rank])
-        height, width = sizes[image_id]
         b0, b1, b2, b3 = (int(v) for v in hits.box[unit, rank])
-        y0, x0, y1, x1 = crop_geometry(width, height, plan.info.input_size).to_original((b0, b1, b2, b3))
-        box = (f"top:{100 * y0 / height:.2f}%;left:{100 * x0 / width:.2f}%;"
-               f"height:{100 * (y1 - y0) / height:.2f}%;width:{100 * (x1 - x0) / width:.2f}%")
+        box = box_style(plan, sizes[image_id], (b0, b1, b2, b3))
         path = plan.paths[image_id]
         figures.append(
             f'<figure class="hit"><div class="pair">'
@@ -298,7 +303,34 @@ def appearances(plan: Plan) -> dict[int, list[tuple[int, str, int]]]:
             for key, value in found.items()}
 
 
-def image_page(plan: Plan, image_id: int, shown_in: list[tuple[int, str, int]], pages: set[int]) -> str:
+def patch_section(plan: Plan, image_id: int, pages: set[int], sizes: dict[int, tuple[int, int]]) -> str:
+    """The image's strongest boxes, each with the patches of other images most like it (one per image)."""
+    if plan.patch_links is None:
+        return ""
+    rows = []
+    for number_, link in enumerate(plan.patch_links.get(image_id, []), start=1):
+        path, style = plan.paths[image_id], box_style(plan, sizes[image_id], link.box)
+        cells = [f'<figure class="thumb"><span class="context"><img src="../{plan.image_file(image_id)}" '
+                 f'alt="{esc(path)}" loading="lazy"><span class="box" style="{style}"></span></span>'
+                 f'<figcaption>box {number_} at ({link.y}, {link.x})</figcaption></figure>']
+        for other, score, box in link.hits:
+            picture = (f'<img src="../{plan.image_file(other)}" alt="{esc(plan.paths[other])}" loading="lazy">'
+                       f'<span class="box" style="{box_style(plan, sizes[other], box)}"></span>')
+            caption = f"<figcaption>{score:.3f}<br>{esc(short(plan.paths[other]))}</figcaption>"
+            inner = f'<a class="context" href="{other}.html">{picture}</a>' if other in pages else \
+                f'<span class="context">{picture}</span>'
+            cells.append(f'<figure class="thumb">{inner}{caption}</figure>')
+        rows.append(f'<div class="neighbours" id="box{number_}">{"".join(cells)}</div>')
+    if not rows:
+        return ""
+    return (f"<h2>Parts like these elsewhere</h2>\n<p>The image's strongest positions of "
+            f"'{esc(plan.patch_layer)}' (longest activation vectors), each with the patches of other images whose "
+            "vectors are nearest by cosine similarity, one per image; boxes are receptive fields "
+            "(<code>actindex similar INDEX --id N --box …</code> searches any box).</p>\n" + "\n".join(rows) + "\n")
+
+
+def image_page(plan: Plan, image_id: int, shown_in: list[tuple[int, str, int]], pages: set[int],
+               sizes: dict[int, tuple[int, int]] | None = None) -> str:
     path = plan.paths[image_id]
     label = int(plan.labels[image_id])
     klass = f" · class {esc(plan.classes[label])}" if 0 <= label < len(plan.classes) else ""
@@ -322,7 +354,8 @@ def image_page(plan: Plan, image_id: int, shown_in: list[tuple[int, str, int]], 
     body = (f"{crumbs(1, ('images', 'images/index.html'), (short(path, 60), None))}\n<h1>{esc(path)}</h1>\n"
             f"<p>image {image_id}{klass}</p>\n"
             f'<img class="whole" src="../{plan.image_file(image_id)}" alt="{esc(path)}">\n'
-            f"<h2>Similar images</h2>\n{similar}\n<h2>Units it excites most</h2>\n"
+            f"<h2>Similar images</h2>\n{similar}\n{patch_section(plan, image_id, pages, sizes or {})}"
+            "<h2>Units it excites most</h2>\n"
             f'<div class="tiles">{units}</div>\n{more}')
     return document(f"{path} · actindex atlas", body, 1)
 
@@ -355,7 +388,7 @@ def write_pages(plan: Plan, unguided: dict[str, dict[str, int]], sizes: dict[int
     shown = appearances(plan)
     pages = set(plan.image_pages)
     for image_id in plan.image_pages:
-        page = image_page(plan, image_id, shown.get(image_id, []), pages)
+        page = image_page(plan, image_id, shown.get(image_id, []), pages, sizes)
         atomic_write(site / plan.image_url(image_id), page.encode())
         written += 1
     atomic_write(site / "images" / "index.html", images_page(plan).encode())

@@ -175,6 +175,17 @@ class NearestUnits:
 
 
 @dataclass(frozen=True)
+class PatchLink:
+    """One of an image page's strongest boxes, and the patches of other images most like it: a patch search
+    (`similar --box`) made when the site is built."""
+
+    y: int  # the position in the patch layer's map
+    x: int
+    box: tuple[int, int, int, int]  # its receptive field on the network input
+    hits: tuple[tuple[int, float, tuple[int, int, int, int]], ...]  # (image id, score, box on its input), best first
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything a worker or a page needs, read from the index and the manifest once, complete; picklable."""
 
@@ -196,6 +207,8 @@ class Plan:
     similarity_layer: str  # the layer the neighbours are nearest by
     unit_classes: dict[str, dict[int, UnitClasses]] = field(default_factory=dict)  # of units with a page
     settings: Settings = DEFAULT  # the attribution methods the unit pages show
+    patch_links: dict[int, list[PatchLink]] | None = None  # per image page; None: the index has no patch vectors
+    patch_layer: str = ""  # the layer they are alike by
 
     @staticmethod
     def method_file(method: Method, rank: int) -> str:
