@@ -143,7 +143,8 @@ def image_vectors(opened: Index, grid: PatchGrid, image: LoadedImage, image_id: 
     from actindex.indexer.taps import layer_value
 
     with running(opened.info, opened.device), torch.inference_mode():
-        maps = layer_value(opened.loaded.module, grid.layer, normalized(image, opened.info, opened.device))
+        x = normalized(image, opened.info, opened.device)  # (1, 3, S, S)
+        maps: torch.Tensor = layer_value(opened.loaded.module, grid.layer, x)  # (1, C, H, W)
     return maps[0].float().permute(1, 2, 0).reshape(grid.positions, grid.channels).cpu().numpy()  # (H*W, C)
 
 
