@@ -121,7 +121,9 @@ def choose_factory(n: int, dim: int, max_bytes: int | None = None) -> str:
     nlist = 2 ** round(np.log2(4 * np.sqrt(n)))
     while nlist > 16 and _TRAIN_PER_LIST * nlist * nlist * reduced > _KMEANS_BUDGET:
         nlist //= 2
-    nlist = min(nlist, max(16, n // 39))  # faiss wants >= 39 training points per list
+    # faiss wants >= 39 training points per list; 48 a list leaves room for the held-out calibration queries and
+    # for rows that cannot be indexed (zero vectors are common among patch vectors)
+    nlist = min(nlist, max(16, n // 48))
     m = reduced // 2 if reduced % 2 == 0 else reduced  # 4-bit codes of 2 dimensions (1 when odd)
     while m % 2 == 0 and m > 8 and (n * (m // 2 + 8) > _MEMORY_BUDGET or  # code bytes + an 8-byte id a vector
                                     (max_bytes is not None and m // 2 + 8 > max_bytes)):

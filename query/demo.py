@@ -28,6 +28,10 @@ MODEL = "timm:efficientnet_lite0"
 LAYERS = ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "conv_head", "classifier")
 LOGIT_LAYER = "classifier"
 EMBED_LAYER = "bn2"  # the pooled features the classifier reads
+# Every position's vector of this stage is kept for patch search: 14 x 14 positions whose receptive fields (147 px,
+# mostly the central ~60) are the size of a cat's eye in the demo's crops.
+PATCH_LAYER = "blocks.3"
+CAT_EYE = (85, 135, 145, 210)  # (y0, x0, y1, x1) of the cat's left eye on scikit-image's chelsea photo
 PHOTOS = ("astronaut", "camera", "chelsea", "clock", "coffee", "coins", "colorwheel", "hubble_deep_field",
           "immunohistochemistry", "logo", "moon", "page", "retina", "rocket", "brick", "grass", "gravel",
           "motorcycle", "text")
@@ -117,7 +121,7 @@ def run_demo(out: Path, images_per_photo: int = 16, workers: int = 2, device: st
     index = out / "index.h5"
     echo(f"Demo: {MODEL} with ImageNet weights ({weights}), photos in {images}")
     config = BuildConfig(data=images, model=MODEL, out=index, weights=str(weights), layers=LAYERS,
-                         embed_layer=EMBED_LAYER, batch_size=32, bottom_k=3,
+                         embed_layer=EMBED_LAYER, batch_size=32, bottom_k=3, patch_layer=PATCH_LAYER,
                          workers=workers, device=device, overwrite=overwrite)
     if overwrite or not index.exists():
         from actindex.indexer.cli import TqdmProgress
@@ -147,7 +151,7 @@ def site_atlas(index: Path, site: Path, device: str | None = None, overwrite: bo
             chosen += [f"{name}:{unit}" for unit, _, _ in _pure_units(reader.layer(name).image, paths)[:1]]
     target = str(resolve_device(device))
     echo("\nAtlas (a static site: every layer's units as tiles; unit pages with patches, guided backprop, "
-         "nearest units; image pages with their nearest images):")
+         "nearest units; image pages with their nearest images and the patches most like their strongest boxes):")
     for units, dream in ((",".join(chosen), False), (f"{LOGIT_LAYER}:967", True)):
         config = AtlasConfig(index=index, out=site, units=units, dream=dream, device=target, overwrite=overwrite)
         summary = build_atlas(config)
@@ -210,7 +214,31 @@ def pictures(index: Path, out: Path, device: str | None = None, echo: Echo = pri
     others = sum(not hit.path.startswith("camera/") for hit in found.hits)
     echo(f"  {path}: the 6 images nearest to {paths[query]} by '{found.layer}' ({6 - others} of the same photo), "
          "with the pixels and units that make them similar")
+    written.append(cat_eye(index, out, target, echo))
     return written
+
+
+def cat_eye(index: Path, out: Path, device: str, echo: Echo = print) -> Path:
+    """A patch search: the whole chelsea photo (not in the index) as a new image, its left eye as the box; the
+    hits are the positions of other images whose vectors are nearest, one per image, each cut to its receptive
+    field."""
+    from PIL import Image
+
+    from .patches import find_patches
+    from .render import patch_sheet, save_png
+
+    query = out / "chelsea.png"
+    with atomic_path(query) as tmp:
+        Image.fromarray(photo("chelsea")).save(tmp, format="PNG")
+    found = find_patches(index, image=query, box=CAT_EYE, k=8, per_image=1, device=device)
+    path = out / "similar-cat-eye.png"
+    save_png(patch_sheet(found), path)
+    same = sum(hit.path.startswith("chelsea/") for hit in found.hits)
+    box = ",".join(str(v) for v in CAT_EYE)
+    echo(f"  {path}: the 8 patches nearest to the cat's left eye (box {box} of {query}) by '{found.layer}' "
+         f"vectors, one per image ({same} in crops of the cat photo), each cut to its receptive field: "
+         f"actindex similar {index} --image {query} --box {box} --per-image 1")
+    return path
 
 
 def tour(index: Path, echo: Echo = print) -> None:

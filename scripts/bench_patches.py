@@ -59,6 +59,9 @@ IMAGENET_TRAIN = 1_281_167
 PAPER_POSITIONS = (7 * 7, 14 * 14)
 PAPER_DIMS = (512, 1024, 2048)
 DEMO_QUERIES = 200
+SWEEP_NPROBE = (64, 128, 256, 512, 1024, 2048)
+SWEEP_RERANK = (64, 128, 256)
+SWEEP_LATENCY_QUERIES = 100
 BLOCK = 65536  # rows per block: 64 MB of float16 at 512 dims, 128 MB once float32
 
 
@@ -122,6 +125,51 @@ def exact_top(vectors: VectorSource, queries: np.ndarray, k: int) -> np.ndarray:
     return np.where(np.isfinite(best_scores), best_ids, -1)
 
 
+@dataclass
+class SweepRow:
+    name: str
+    factory: str
+    nprobe: int
+    rerank: int
+    recall: float
+    p50_ms: float
+    p99_ms: float
+    bytes_per_vector: float
+
+    def meets(self, max_bytes: int) -> bool:
+        return self.recall >= TARGET_RECALL and self.p50_ms <= TARGET_P50_MS and self.bytes_per_vector <= max_bytes
+
+
+def sweep(name: str, built: faiss.Index, x: VectorSource, factory: str, queries: np.ndarray, want: np.ndarray,
+          own: np.ndarray | None, bytes_per_vector: float) -> list[SweepRow]:
+    """Recall@10 and single-query latency (first SWEEP_LATENCY_QUERIES queries) over a grid of nprobe x re-rank
+    factor, beyond what the build's calibration tries (it stops at 64): what deeper re-ranking buys. `want`: the
+    exact top-K, each query's own row (`own`) already left out."""
+    try:
+        ivf = faiss.extract_index_ivf(built)
+    except RuntimeError:
+        return []
+    calibrated = int(ivf.nprobe)
+    probes = sorted({p for p in SWEEP_NPROBE if p <= ivf.nlist} | {calibrated})
+    extra = 0 if own is None else 1
+    out = []
+    for nprobe in probes:
+        ivf.nprobe = nprobe
+        for rerank in SWEEP_RERANK:
+            index = SimilarityIndex(built, StoredVectors(x), rerank)
+            _, found = index.search(queries, K + extra)
+            if own is not None:
+                found = without_self(found, own)
+            times = latencies_ms(index, queries[:SWEEP_LATENCY_QUERIES])
+            index.close()
+            out.append(SweepRow(name, factory, nprobe, rerank, recall_at_k(found, want),
+                                float(np.percentile(times, 50)), float(np.percentile(times, 99)), bytes_per_vector))
+            print(f"    sweep nprobe {nprobe:>5} rerank {rerank:>4}: recall@10 {out[-1].recall:.3f}, "
+                  f"p50 {out[-1].p50_ms:.2f} ms", flush=True)
+    ivf.nprobe = calibrated
+    return out
+
+
 def file_bytes(index: faiss.Index) -> int:
     """Size of the index as `faiss.write_index` writes it."""
     with tempfile.TemporaryDirectory() as folder:
@@ -131,7 +179,7 @@ def file_bytes(index: faiss.Index) -> int:
 
 
 def measure(name: str, x: VectorSource, factory: str, queries: np.ndarray, truth: np.ndarray,
-            own: np.ndarray | None) -> Row:
+            own: np.ndarray | None, with_sweep: bool = False) -> tuple[Row, list[SweepRow]]:
     """`truth`: exact top-K (top-(K + 1) with `own`, the queries' own row ids, excluded from both lists)."""
     print(f"  {name}: building '{factory}' ...", flush=True)
     built, info = build_vector_index(x, factory)
@@ -141,17 +189,19 @@ def measure(name: str, x: VectorSource, factory: str, queries: np.ndarray, truth
     try:
         extra = 0 if own is None else 1
         _, found = index.search(queries, K + extra)  # one batch
+        want = truth if own is None else without_self(truth, own)
         if own is not None:
-            truth, found = without_self(truth, own), without_self(found, own)
+            found = without_self(found, own)
         times = latencies_ms(index, queries)
     finally:
         index.close()
     row = Row(name, info.count, info.dim, info.factory, info.nprobe, info.rerank, info.seconds, info.recall_at_10,
-              recall_at_k(found, truth), float(np.percentile(times, 50)), float(np.percentile(times, 99)),
+              recall_at_k(found, want), float(np.percentile(times, 50)), float(np.percentile(times, 99)),
               file_bytes(built))
     print(f"  built in {row.build_s:.1f} s: nprobe {row.nprobe}, rerank {row.rerank}, recall@10 {row.recall:.3f}, "
           f"p50 {row.p50_ms:.2f} ms, {row.bytes_per_vector:.1f} B/vector", flush=True)
-    return row
+    sweeps = sweep(name, built, x, info.factory, queries, want, own, row.bytes_per_vector) if with_sweep else []
+    return row, sweeps
 
 
 def factories_for(requested: list[str], n: int, dim: int, max_bytes: int) -> list[str]:
@@ -181,6 +231,18 @@ def print_table(rows: list[Row], max_bytes: int) -> None:
               f"{r.bytes_per_vector:>8.1f} {'met' if r.meets(max_bytes) else 'MISSED':>7}")
 
 
+def print_sweep(rows: list[SweepRow], max_bytes: int) -> None:
+    head = (f"{'data':<18} {'factory':<28} {'nprobe':>6} {'rerank':>6} {'candidates':>10} {'recall@10':>9} "
+            f"{'p50 ms':>7} {'p99 ms':>7} {'B/vector':>8} {'targets':>7}")
+    print(f"Sweep beyond the calibration (latency on the first {SWEEP_LATENCY_QUERIES} queries):")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r.name:<18} {r.factory:<28} {r.nprobe:>6} {r.rerank:>6} {K * r.rerank:>10} {r.recall:>9.3f} "
+              f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.bytes_per_vector:>8.1f} "
+              f"{'met' if r.meets(max_bytes) else 'MISSED':>7}")
+
+
 def print_paper(max_bytes: int, overrides: list[str]) -> None:
     """ImageNet train on paper: index RAM (codes + ids) and float16 vectors on disk."""
     print(f"On paper: ImageNet train ({IMAGENET_TRAIN:,} images), choose_factory(n, dim, max_bytes={max_bytes})")
@@ -203,13 +265,15 @@ def print_paper(max_bytes: int, overrides: list[str]) -> None:
         print(f"  '{factory}': {per} B/vector of codes + ids -> {sizes}")
 
 
-def demo(path: str, requested: list[str], max_bytes: int) -> list[Row]:
+def demo(path: str, requested: list[str], max_bytes: int, with_sweep: bool,
+         ) -> tuple[list[Row], list[SweepRow]]:
     rows: list[Row] = []
+    sweeps: list[SweepRow] = []
     with h5py.File(path, "r") as h5:  # read-only: StoredVectors reads contiguous float16 rows with pread
         group = h5.get("patches")
         if not isinstance(group, h5py.Group) or not len(group):
             print(f"{path}: no /patches group (built without patch vectors); demo skipped")
-            return rows
+            return rows, sweeps
         for layer, dataset in group.items():
             if not isinstance(dataset, h5py.Dataset) or dataset.ndim != 2:
                 continue
@@ -227,8 +291,10 @@ def demo(path: str, requested: list[str], max_bytes: int) -> list[Row]:
             print(f"demo:{layer}: {len(valid)} valid of {n} x {dim} ({dataset.dtype}); exact top-{K + 1} of "
                   f"{len(own)} queries in {time.perf_counter() - started:.1f} s", flush=True)
             for factory in factories_for(requested, len(valid), dim, max_bytes):
-                rows.append(measure(f"demo:{layer}", dataset, factory, queries, truth, own))
-    return rows
+                row, swept = measure(f"demo:{layer}", dataset, factory, queries, truth, own, with_sweep)
+                rows.append(row)
+                sweeps += swept
+    return rows, sweeps
 
 
 def main() -> None:
@@ -244,6 +310,8 @@ def main() -> None:
                              "choose_factory(n, dim, max_bytes)); default: auto")
     parser.add_argument("--max-bytes", type=int, default=64, help="code + id bytes a vector may take")
     parser.add_argument("--demo", metavar="INDEX.h5", help="also on an actindex index's /patches/<layer>")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also recall and latency over nprobe x re-rank factors (up to 256) beyond the calibration")
     parser.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: faiss's default)")
     args = parser.parse_args()
     requested = args.factory or ["auto"]
@@ -252,6 +320,7 @@ def main() -> None:
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; targets: recall@10 >= {TARGET_RECALL}, "
           f"p50 <= {TARGET_P50_MS:g} ms, <= {args.max_bytes} B/vector", flush=True)
     rows: list[Row] = []
+    sweeps: list[SweepRow] = []
     n = args.images * args.positions
     if n:
         started = time.perf_counter()
@@ -266,13 +335,20 @@ def main() -> None:
         name = f"patches-{args.images // 1000}kx{args.positions}" if args.images >= 1000 else \
             f"patches-{args.images}x{args.positions}"
         for factory in factories_for(requested, n, args.dim, args.max_bytes):
-            rows.append(measure(name, x, factory, queries, truth, None))
+            row, swept = measure(name, x, factory, queries, truth, None, args.sweep)
+            rows.append(row)
+            sweeps += swept
         del x
     if args.demo:
-        rows += demo(args.demo, requested, args.max_bytes)
+        demo_rows, demo_sweeps = demo(args.demo, requested, args.max_bytes, args.sweep)
+        rows += demo_rows
+        sweeps += demo_sweeps
     print()
     if rows:
         print_table(rows, args.max_bytes)
+        print()
+    if sweeps:
+        print_sweep(sweeps, args.max_bytes)
         print()
     print_paper(args.max_bytes, [f for f in requested if f != "auto"])
 

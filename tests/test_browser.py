@@ -140,6 +140,15 @@ def test_a_person_browses_the_demo_atlas(demo_run: tuple[Path, str], browser: An
     assert page.locator("figure.hit").count() == 9 and page.locator("svg.chart rect").count() == 9
     visit.follow("figure.hit a.context", "4-image")
     assert page.locator(".neighbours figure").count() == 8
+    # Patch search: the image's three strongest boxes, each with six alike patches of other images, every box
+    # drawn inside its picture.
+    assert page.locator(".patches").count() == 3 and page.locator(".patches figure").count() == 21
+    outside = page.evaluate("""() => [...document.querySelectorAll('.patches .context')].filter(c => {
+        const image = c.querySelector('img').getBoundingClientRect(), box = c.querySelector('.box')
+            .getBoundingClientRect();
+        return box.width < 2 || box.left < image.left - 1 || box.right > image.right + 1 || box.top < image.top - 1
+            || box.bottom > image.bottom + 1; }).length""")
+    assert outside == 0
     visit.follow(".neighbours figure a", "5-similar-image")
     visit.follow('nav.crumbs a[href="../index.html"]', "6-front-again")
     visit.page.goto((site / "units" / "classifier" / "967.html").as_uri())

@@ -58,8 +58,9 @@ def test_demo_runs_end_to_end(demo_run: tuple[Path, str]) -> None:
         assert reader.attrs["num_images"] == 2 * 19 + 1
     pictures = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")
                       if not p.relative_to(out).as_posix().startswith(("images/", "atlas/")))
-    assert pictures[:3] == ["dream-espresso.png", "filters.png", "similar-camera.png"]
-    assert (out / "index.faiss").is_file()
+    assert pictures[:4] == ["chelsea.png", "dream-espresso.png", "filters.png", "similar-camera.png"]
+    assert (out / "index.faiss").is_file() and (out / "index.patches.faiss").is_file()
+    assert "similar-cat-eye.png" in pictures and "the 8 patches nearest to the cat's left eye" in text
     assert "units/classifier-unit285.png" in pictures and "units/classifier-unit967.png" in pictures
     assert len([p for p in pictures if p.startswith("units/")]) == 5
     # The dream is an espresso to the network itself, read back from the PNG as any image would be.

@@ -293,7 +293,7 @@ def test_atlas_image_pages_show_the_patches_alike_to_their_strongest_boxes(built
             if norms[row] > 0 and all(max(abs(y - a), abs(x - b)) >= 2 for a, b in chosen):
                 chosen.append((y, x))
         chosen = chosen[:3]
-        rows = re.findall(r'<div class="neighbours" id="box(\d)">(.*?)</div>', html)
+        rows = re.findall(r'<div class="patches" id="box(\d)">(.*?)</div>', html)
         assert len(rows) == len(chosen)
         for (number, row), (y, x) in zip(rows, chosen, strict=True):
             assert f"box {number} at ({y}, {x})" in row

@@ -320,7 +320,7 @@ def patch_section(plan: Plan, image_id: int, pages: set[int], sizes: dict[int, t
             inner = f'<a class="context" href="{other}.html">{picture}</a>' if other in pages else \
                 f'<span class="context">{picture}</span>'
             cells.append(f'<figure class="thumb">{inner}{caption}</figure>')
-        rows.append(f'<div class="neighbours" id="box{number_}">{"".join(cells)}</div>')
+        rows.append(f'<div class="patches" id="box{number_}">{"".join(cells)}</div>')
     if not rows:
         return ""
     return (f"<h2>Parts like these elsewhere</h2>\n<p>The image's strongest positions of "
