@@ -27,7 +27,7 @@ from actindex.indexer.index_file import PatchGrid
 from actindex.indexer.similarity import SimilarityIndex, normalize
 from actindex.kernels.errors import UserError
 
-from .similar import TOP_UNITS, normalized, read_query, running
+from .similar import explain_cosines, normalized, read_query, running
 
 if TYPE_CHECKING:
     from torch import nn
@@ -281,27 +281,13 @@ def _explain(result: PatchResult, model: nn.Module, query: np.ndarray, opened: I
     import torch
 
     from actindex.indexer.taps import layer_value
-    from actindex.kernels.freeze import frozen
-    from actindex.kernels.guided import GuidedBackprop
 
     device = opened.device
-    x = normalized(result.images, opened.info, device).requires_grad_(True)  # (k, 3, S, S)
-    q = torch.as_tensor(query, dtype=torch.float32, device=device)  # (C,)
     rows = torch.arange(len(result.hits), device=device)
     ys = torch.tensor([hit.y for hit in result.hits], device=device)
     xs = torch.tensor([hit.x for hit in result.hits], device=device)
-    with frozen(model):
-        with GuidedBackprop() as mode:
-            vectors = layer_value(model, result.layer, x, lambda out: out[rows, :, ys, xs].float())  # (k, C)
-        unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        scores = unit @ q  # (k,) each hit's own score: images do not interact
-        (maps,) = torch.autograd.grad(scores.sum(), x)
-    terms = (unit.detach() * q).cpu().numpy()  # (k, C), each row sums to that hit's score
-    hits = []
-    for hit, row in zip(result.hits, terms, strict=True):
-        top = np.argsort(-row, kind="stable")[:TOP_UNITS]
-        hits.append(PatchHit(hit.rank, hit.image_id, hit.path, hit.y, hit.x, hit.score, hit.box, hit.box_original,
-                             tuple((int(u), float(row[u])) for u in top)))
-    result.hits = hits
-    result.maps = maps.cpu().numpy()
-    result.unguided = dict(mode.unguided)
+    found = explain_cosines(model, normalized(result.images, opened.info, device), query, lambda x: layer_value(
+        model, result.layer, x, lambda out: out[rows, :, ys, xs].float()))  # (k, C): each hit's position
+    result.hits = [PatchHit(hit.rank, hit.image_id, hit.path, hit.y, hit.x, hit.score, hit.box, hit.box_original,
+                            units) for hit, units in zip(result.hits, found.units, strict=True)]
+    result.maps, result.unguided = found.maps, found.unguided

@@ -267,79 +267,22 @@ def save_png(image: Image.Image, path: Path) -> None:
         image.save(tmp, format="PNG", optimize=True)
 
 
-def similar_sheet(result: SimilarResult, columns: int = 10) -> Image.Image:
-    """The query, then its nearest images with scores; with an explanation, each hit's guided-backprop map of
-    its similarity and the units contributing most under it."""
-    if result.query_image is None or len(result.images) != len(result.hits):
-        raise ValueError("the result holds no pictures: call find_similar with pictures=True")
-    explained = result.maps is not None
-    n = len(result.hits) + 1  # the query takes the first cell
-    columns = min(columns, n)
-    blocks = -(-n // columns)
+Cell = tuple[Image.Image, Image.Image | None, str, str, str]  # picture, its map (row 2) or None, three lines of text
+
+
+def result_grid(title: str, cells: list[Cell], explained: bool, columns: int = 10) -> Image.Image:
+    """A query and its hits as a grid of tiles under a title: each cell a picture, with `explained` a second row
+    for its map, and three lines of text (the first in ink, the others grey)."""
+    columns = min(columns, len(cells))
+    blocks = -(-len(cells) // columns)
     rows = 2 if explained else 1
-    label = LABEL + (14 if explained else 0)
-    cell_h = rows * (TILE + GAP) + label
+    cell_h = rows * (TILE + GAP) + LABEL + (14 if explained else 0)
     width = GAP + columns * (TILE + GAP)
-    title = (f"nearest images by cosine similarity of '{result.layer}' activations"
-             + ("; row 2: guided backprop of each score, units contributing most" if explained else ""))
     header = title_height(title, width)
     sheet = Image.new("RGB", (width, header + blocks * cell_h + GAP), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     draw_title(draw, title, width)
     small = font(10)
-    cells: list[tuple[Image.Image, Image.Image | None, str, str, str]] = [
-        (result.query_image, None, "query", _name(str(result.query.get("path", result.query.get("image")))), "")]
-    for rank, hit in enumerate(result.hits):
-        explanation = map_image(result.maps[rank]) if result.maps is not None else None
-        units = " ".join(f"u{u}" for u, _ in hit.units[:3])
-        cells.append((result.images[rank].original, explanation, f"#{rank + 1}  {hit.score:.3f}", _name(hit.path),
-                      units))
-    for position, (picture, explanation, first, second, third) in enumerate(cells):
-        block, column = divmod(position, columns)
-        left = GAP + column * (TILE + GAP)
-        top = header + block * cell_h
-        sheet.paste(fit(picture), (left, top))
-        if explanation is not None:
-            sheet.paste(fit(explanation), (left, top + TILE + GAP))
-        text_top = top + rows * (TILE + GAP) - 2
-        for line, (text, colour) in enumerate(((first, INK), (second, GREY), (third, GREY))):
-            if text:
-                draw.text((left, text_top + 13 * line), fit_text(text, small, TILE), fill=colour, font=small)
-    return sheet
-
-
-def patch_sheet(result: PatchResult, columns: int = 10) -> Image.Image:
-    """The query image with its box, then each hit's patch (its receptive field, cut from the original image) with
-    its score, image and position; with an explanation, each hit's guided-backprop map of its score over the
-    patch and the units contributing most."""
-    explained = result.maps is not None
-    n = len(result.hits) + 1  # the query takes the first cell
-    columns = min(columns, n)
-    blocks = -(-n // columns)
-    rows = 2 if explained else 1
-    label = LABEL + (14 if explained else 0)
-    cell_h = rows * (TILE + GAP) + label
-    width = GAP + columns * (TILE + GAP)
-    per = f"at most {result.per_image} per image"
-    title = (f"nearest patches by cosine similarity of '{result.layer}' vectors ({per}), each cut to its receptive "
-             "field" + ("; row 2: guided backprop of each score, units contributing most" if explained else ""))
-    header = title_height(title, width)
-    sheet = Image.new("RGB", (width, header + blocks * cell_h + GAP), BACKGROUND)
-    draw = ImageDraw.Draw(sheet)
-    draw_title(draw, title, width)
-    small = font(10)
-    query_name = _name(str(result.query.get("path", result.query.get("image"))))
-    unit = f"unit {result.query['unit']}" if "unit" in result.query else ""
-    cells: list[tuple[Image.Image, Image.Image | None, str, str, str]] = [
-        (boxed_tile(result.query_image.original, result.box_original), None, "query", query_name, unit)]
-    for rank, hit in enumerate(result.hits):
-        explanation = None
-        if result.maps is not None:
-            y0, x0, y1, x1 = hit.box
-            explanation = map_image(result.maps[rank][:, y0:y1, x0:x1])
-        units = " ".join(f"u{u}" for u, _ in hit.units[:3])
-        cells.append((patch(result.images[rank], hit.box), explanation, f"#{rank + 1}  {hit.score:.3f}",
-                      _name(hit.path), units or f"at ({hit.y}, {hit.x})"))
     for position, (picture, explanation, first, second, third) in enumerate(cells):
         block, column = divmod(position, columns)
         left = GAP + column * (TILE + GAP)
@@ -352,3 +295,45 @@ def patch_sheet(result: PatchResult, columns: int = 10) -> Image.Image:
             if text:
                 draw.text((left, text_top + 13 * line), fit_text(text, small, TILE), fill=colour, font=small)
     return sheet
+
+
+EXPLAINED = "; row 2: guided backprop of each score, units contributing most"
+
+
+def similar_sheet(result: SimilarResult, columns: int = 10) -> Image.Image:
+    """The query, then its nearest images with scores; with an explanation, each hit's guided-backprop map of
+    its similarity and the units contributing most under it."""
+    if result.query_image is None or len(result.images) != len(result.hits):
+        raise ValueError("the result holds no pictures: call find_similar with pictures=True")
+    explained = result.maps is not None
+    title = f"nearest images by cosine similarity of '{result.layer}' activations" + (EXPLAINED if explained else "")
+    cells: list[Cell] = [
+        (result.query_image, None, "query", _name(str(result.query.get("path", result.query.get("image")))), "")]
+    for rank, hit in enumerate(result.hits):
+        explanation = map_image(result.maps[rank]) if result.maps is not None else None
+        units = " ".join(f"u{u}" for u, _ in hit.units[:3])
+        cells.append((result.images[rank].original, explanation, f"#{rank + 1}  {hit.score:.3f}", _name(hit.path),
+                      units))
+    return result_grid(title, cells, explained, columns)
+
+
+def patch_sheet(result: PatchResult, columns: int = 10) -> Image.Image:
+    """The query image with its box, then each hit's patch (its receptive field, cut from the original image) with
+    its score, image and position; with an explanation, each hit's guided-backprop map of its score over the
+    patch and the units contributing most."""
+    explained = result.maps is not None
+    title = (f"nearest patches by cosine similarity of '{result.layer}' vectors (at most {result.per_image} per "
+             "image), each cut to its receptive field" + (EXPLAINED if explained else ""))
+    query_name = _name(str(result.query.get("path", result.query.get("image"))))
+    unit = f"unit {result.query['unit']}" if "unit" in result.query else ""
+    cells: list[Cell] = [(boxed_tile(result.query_image.original, result.box_original), None, "query", query_name,
+                          unit)]
+    for rank, hit in enumerate(result.hits):
+        explanation = None
+        if result.maps is not None:
+            y0, x0, y1, x1 = hit.box
+            explanation = map_image(result.maps[rank][:, y0:y1, x0:x1])
+        units = " ".join(f"u{u}" for u, _ in hit.units[:3])
+        cells.append((patch(result.images[rank], hit.box), explanation, f"#{rank + 1}  {hit.score:.3f}",
+                      _name(hit.path), units or f"at ({hit.y}, {hit.x})"))
+    return result_grid(title, cells, explained, columns)

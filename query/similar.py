@@ -10,6 +10,7 @@ score).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,25 +168,41 @@ def _embed_query(model: nn.Module, layer: str, x: torch.Tensor) -> np.ndarray:
 
 def _explain(result: SimilarResult, model: nn.Module, query: np.ndarray, info: IndexInfo, device: str) -> None:
     """Guided backprop of q̂ · v̂(x) for every hit image x at once, and the units with the largest terms."""
+    x = normalized(result.images, info, device)  # (k, 3, S, S)
+    found = explain_cosines(model, x, query, lambda batch: embed(model, result.layer, batch))
+    result.hits = [SimilarHit(hit.rank, hit.image_id, hit.path, hit.score, list(units))
+                   for hit, units in zip(result.hits, found.units, strict=True)]
+    result.maps, result.unguided = found.maps, found.unguided
+
+
+@dataclass(frozen=True)
+class Explanation:
+    maps: np.ndarray  # (k, 3, S, S) guided backprop of each image's score with respect to its normalized input
+    units: list[tuple[tuple[int, float], ...]]  # per image, the TOP_UNITS (unit, q̂_i·v̂_i), largest first
+    unguided: dict[str, int]  # activations guided backprop could not guide, and how often they ran
+
+
+def explain_cosines(model: nn.Module, x: torch.Tensor, query: np.ndarray,
+                    vectors_of: Callable[[torch.Tensor], torch.Tensor]) -> Explanation:
+    """Why each of the images `x` (k, 3, S, S) scores q̂ · v̂: guided backprop of its score with the query's unit
+    vector q̂ fixed, all images in one pass (their scores do not interact), and the units with the largest terms
+    q̂_i · v̂_i (they sum to the score). `vectors_of(x)` gives the (k, D) vectors v, differentiably."""
     import torch
 
     from actindex.kernels.freeze import frozen
     from actindex.kernels.guided import GuidedBackprop
 
-    x = normalized(result.images, info, device).requires_grad_(True)  # (k, 3, S, S)
-    q = torch.as_tensor(query, dtype=torch.float32, device=device)  # (D,)
+    x = x.detach().requires_grad_(True)
+    q = torch.as_tensor(query, dtype=torch.float32, device=x.device)  # (D,)
     with frozen(model):
         with GuidedBackprop() as mode:
-            vectors = embed(model, result.layer, x)  # (k, D)
+            vectors = vectors_of(x)  # (k, D)
         unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        scores = unit @ q  # (k,) each hit's own score: images do not interact
+        scores = unit @ q  # (k,)
         (maps,) = torch.autograd.grad(scores.sum(), x)
-    terms = (unit.detach() * q).cpu().numpy()  # (k, D), each row sums to that hit's score
-    hits = []
-    for hit, row in zip(result.hits, terms, strict=True):
+    terms = (unit.detach() * q).cpu().numpy()  # (k, D), each row sums to that image's score
+    units = []
+    for row in terms:
         top = np.argsort(-row, kind="stable")[:TOP_UNITS]
-        hits.append(SimilarHit(hit.rank, hit.image_id, hit.path, hit.score,
-                               [(int(u), float(row[u])) for u in top]))
-    result.hits = hits
-    result.maps = maps.cpu().numpy()
-    result.unguided = dict(mode.unguided)
+        units.append(tuple((int(u), float(row[u])) for u in top))
+    return Explanation(maps.cpu().numpy(), units, dict(mode.unguided))

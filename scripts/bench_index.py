@@ -5,8 +5,9 @@ Side by side, in one process, on the same in-memory batches and model:
   (b) actindex  IndexAccumulator.add_batch on the same layers, with the embedding copied to the host;
   (c) naive     forward hooks appending per-image channel maxima (and the embedding) to lists, one topk at
                 the end;
-  (b0) actindex-plain   (b) without the optional statistics (class sums over --classes, --bottom-k), when
-                they are on: the difference between b/a and b0/a is their cost.
+  (b0) actindex-plain   (b) without the optional statistics and rows (class sums over --classes, --bottom-k,
+                --patch-layer's vectors written to a float16 row file as the build writes them), when they are
+                on: the difference between b/a and b0/a is their cost.
 Rounds are interleaved (a, b, c, a, b, c, …) and the median time per variant is reported.
 
 Peak memory of (b) and (c) at N and 10·N images is measured in fresh child processes (peak RSS on the CPU,
@@ -40,7 +41,7 @@ from torch import nn
 from actindex.indexer.accumulate import IndexAccumulator
 from actindex.indexer.layers import resolve_layers
 from actindex.indexer.models import IMAGENET_MEAN, IMAGENET_STD
-from actindex.indexer.rows import EMBEDDING, RowFile, RowSink
+from actindex.indexer.rows import EMBEDDING, PATCHES, RowFile, RowSink
 
 LAYERS = "conv1,layer1,layer2,layer3,layer4"
 
@@ -73,15 +74,19 @@ class Ours:
     sums on every layer, (with --bottom-k) the lowest-k too, plus the embedding fetched to the host."""
 
     def __init__(self, model: nn.Module, device: torch.device, channels: dict[str, int], k: int, images: int,
-                 classes: int = 0, bottom_k: int = 0) -> None:
+                 classes: int = 0, bottom_k: int = 0, patch_layer: str = "", patch_dim: int = 0) -> None:
         embed = list(channels)[-1]
         # Class folders: each image's label, as the build passes them (random over `classes`, ImageNet's 1 000).
         labels = torch.randint(0, classes, (images,), generator=torch.Generator().manual_seed(0)) if classes else None
         self.acc = IndexAccumulator(model, channels, k, IMAGENET_MEAN, IMAGENET_STD, embed, device,
-                                    labels=labels, classes=classes, bottom_k=bottom_k)
+                                    labels=labels, classes=classes, bottom_k=bottom_k,
+                                    patch_layer=patch_layer or None)
         # Embeddings go where the build puts them while streaming: a row file on disk, not memory.
         self.folder = tempfile.TemporaryDirectory()
-        self.rows = RowSink({EMBEDDING: RowFile(Path(self.folder.name) / "rows", 0, images, channels[embed])})
+        folder = Path(self.folder.name)
+        self.rows = RowSink({EMBEDDING: RowFile(folder / "rows", 0, images, channels[embed]),
+                             PATCHES: RowFile(folder / "patches", 0, images, patch_dim, np.float16)
+                             if patch_layer else None})
 
     def step(self, pixels: torch.Tensor, ids: torch.Tensor) -> None:
         # As the build does: embeddings go to host memory, copied while the next batch runs.
@@ -134,7 +139,8 @@ def make_variant(kind: str, model: nn.Module, device: torch.device, channels: di
     if kind == "forward":
         return Bare(model, device)
     if kind == "actindex":
-        return Ours(model, device, channels, k, images, args.classes, args.bottom_k)
+        return Ours(model, device, channels, k, images, args.classes, args.bottom_k, args.patch_layer,
+                    args.patch_dim)
     return Naive(model, device, list(channels), k)
 
 
@@ -158,7 +164,12 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, floa
     images = args.batches * args.batch_size
     variants = {kind: make_variant(kind, model, device, channels, args.k, images, args)
                 for kind in ("forward", "actindex")}
-    if args.classes or args.bottom_k:  # what the optional statistics cost, measured in the same rounds
+    if args.patch_layer:
+        if args.patch_layer not in geometry:
+            raise SystemExit(f"--patch-layer must be one of --layers ({args.layers})")
+        shape = geometry[args.patch_layer]
+        args.patch_dim = shape.channels * shape.height * shape.width
+    if args.classes or args.bottom_k or args.patch_layer:  # what the optional parts cost, in the same rounds
         variants["actindex-plain"] = Ours(model, device, channels, args.k, images)
     # The naive variant's hooks stay registered for its lifetime, so it gets its own copy of the model.
     variants["naive"] = make_variant("naive", make_model(args.model, device), device, channels, args.k, images, args)
@@ -266,6 +277,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=9)
     parser.add_argument("--classes", type=int, default=1000, help="per-class sums over this many classes (0: none)")
     parser.add_argument("--bottom-k", type=int, default=0, help="also keep the lowest k per unit")
+    parser.add_argument("--patch-layer", default="", help="also write this layer's patch vectors (one of --layers)")
+    parser.set_defaults(patch_dim=0)  # H * W * C of --patch-layer, set once its shape is traced
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory-images", type=int, default=64, help="N for the memory runs (N and 10·N)")
     parser.add_argument("--jpegs", type=int, default=128, help="images in the end-to-end folder (0: skip)")
@@ -281,7 +294,8 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{args.model} at {args.input_size} px, layers {args.layers}, batch {args.batch_size}, on {name}, "
-          f"torch {torch.__version__}; class sums over {args.classes} classes, bottom-k {args.bottom_k}")
+          f"torch {torch.__version__}; class sums over {args.classes} classes, bottom-k {args.bottom_k}, "
+          f"patch layer {args.patch_layer or 'none'}")
     speed = throughput(args, device)
     print("\nthroughput (images/s, median of interleaved rounds):")
     for kind, value in speed.items():

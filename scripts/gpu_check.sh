@@ -11,6 +11,8 @@
 #   - decoders and precisions (issue 14): a --decoder gpu --precision bf16 build queried on CUDA and on the CPU,
 #     crashed and resumed under torchrun against one uninterrupted process, and scripts/bench_decode.py's fidelity and end-to-end modes
 #     (bare forward vs today's build vs the GPU-decode build, resnet18/resnet50/demo at fp32 and bf16).
+#   - patch search (issue 17): the crash/resume builds keep --patch-layer blocks.4 (compared bit for bit), a patch
+#     search with --explain on cuda, and bench_index's cost of writing resnet50 layer4's patch vectors.
 # Usage, from the repository root with actindex installed (ACTINDEX names the command, PYTHON the interpreter):
 #   bash scripts/gpu_check.sh WORKDIR
 set -uo pipefail
@@ -48,7 +50,8 @@ seconds $ACTINDEX demo --device cuda --out "$work/demo" | grep -v "^  unit\|^$" 
 step "crash and resume on cuda under torchrun (1 process) vs an uninterrupted cuda build"
 data="$work/demo/images"
 common=(--model timm:efficientnet_lite0 --weights "$work/demo/efficientnet_lite0.safetensors" --batch-size 16
-        --layers blocks.2,blocks.4,conv_head --k 6 --device cuda --checkpoint-every 64 --faiss-factory none)
+        --layers blocks.2,blocks.4,conv_head --k 6 --device cuda --checkpoint-every 64 --faiss-factory none
+        --patch-layer blocks.4)
 $ACTINDEX build "$data" --out "$work/plain.h5" "${common[@]}" 2>&1 | tail -1
 torchrun --standalone --nproc_per_node=1 "$(command -v "$ACTINDEX")" build "$data" --out "$work/resumed.h5" \
     "${common[@]}" --crash-at 0:100:raise 2>&1 | grep -i "error\|resume" | head -3
@@ -101,4 +104,10 @@ step "bench_decode fidelity on cuda (top-9 changes and score differences per dec
 $PYTHON scripts/bench_decode.py fidelity --device cuda --images 1000 --batch-size 128
 step "bench_decode end to end on cuda (targets: resnet50 bf16 build >= 0.9 of forward; resnet18 gpu >= 3x pil)"
 $PYTHON scripts/bench_decode.py e2e --device cuda --images 4000 --batch-size 256 --workers 16 --rounds 2
+step "patch search on cuda (the demo's cat eye, explained)"
+seconds $ACTINDEX similar "$work/demo/index.h5" --image "$work/demo/chelsea.png" --box 85,135,145,210 --per-image 1 \
+    --explain --device cuda --out "$work/cat-eye-cuda.png" | tail -4
+step "bench_index cuda with resnet50 layer4's patch vectors (b0/a without them)"
+$PYTHON scripts/bench_index.py --device cuda --model resnet50 --batch-size 256 --rounds 10 --jpegs 0 \
+    --patch-layer layer4 --classes 0
 step "done"
