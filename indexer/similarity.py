@@ -98,7 +98,7 @@ def _valid_rows(block: np.ndarray) -> np.ndarray:
     return np.isfinite(block).all(axis=1) & (block != 0).any(axis=1)
 
 
-def choose_factory(n: int, dim: int, max_bytes: int | None = None) -> str:
+def choose_factory(n: int, dim: int, max_bytes: int | None = None, memory: int = _MEMORY_BUDGET) -> str:
     """The index for n vectors of dim dimensions: exact while one query may scan them all, else a compact
     candidate search whose candidates are re-ranked exactly on the stored vectors (`SimilarityIndex`). The
     latency, recall, memory and build time each regime reaches are measured by scripts/bench_search.py and
@@ -110,8 +110,8 @@ def choose_factory(n: int, dim: int, max_bytes: int | None = None) -> str:
       nlist = the power of two nearest 4 * sqrt(n), capped so that k-means costs at most 64 * 1024^2 * 512
       multiply-adds per iteration (1.28M -> IVF1024), and 4-bit fast-scan PQ codes of 2 dimensions each
       ("PQ128x4fs": 64 bytes a vector, scanned in SIMD registers), with half as many sub-quantizers, each
-      twice as wide, as long as codes and ids would pass 4 GB (100M -> PQ64x4fs) or a vector's code and its
-      8-byte id would pass `max_bytes` (patch vectors: 64 -> PQ64x4fs, 40 bytes).
+      twice as wide, as long as codes and ids would pass `memory` (4 GB: 100M -> PQ64x4fs) or a vector's code
+      and its 8-byte id would pass `max_bytes` (patch vectors: 64 -> PQ64x4fs, 40 bytes, within 16 GB).
     Candidates come from the codes; the answer from the stored float32 vectors, so scores are exact cosines and
     recall is limited only by how many candidates are re-ranked (calibrated, with nprobe, at build time).
     """
@@ -125,7 +125,7 @@ def choose_factory(n: int, dim: int, max_bytes: int | None = None) -> str:
     # for rows that cannot be indexed (zero vectors are common among patch vectors)
     nlist = min(nlist, max(16, n // 48))
     m = reduced // 2 if reduced % 2 == 0 else reduced  # 4-bit codes of 2 dimensions (1 when odd)
-    while m % 2 == 0 and m > 8 and (n * (m // 2 + 8) > _MEMORY_BUDGET or  # code bytes + an 8-byte id a vector
+    while m % 2 == 0 and m > 8 and (n * (m // 2 + 8) > memory or  # code bytes + an 8-byte id a vector
                                     (max_bytes is not None and m // 2 + 8 > max_bytes)):
         m //= 2
     rotation = f"PCAR{reduced}," if reduced < dim else ""
@@ -565,7 +565,11 @@ def attributes(info: VectorIndexInfo, layer: str, final: Path, prefix: str = "fa
                        info.note).to_attrs(prefix)
 
 
-PATCH_BYTES = 64  # the most a patch vector's code and id may take in a FAISS index: 63M vectors at 7 x 7 = 4 GB
+PATCH_BYTES = 64  # the most a patch vector's code and id may take in a FAISS index
+# Patch vectors are many (ImageNet at 14 x 14: 251M): 40 bytes each is 10 GB, which the 4 GB of an image index
+# would cut to 16 bytes, too few to find neighbours (docs/BENCHMARKS.md, patch search).
+PATCH_MEMORY = 16 << 30
+PATCH_RECALL = 0.9  # recall@10 the calibration aims at: patch hits are thinned to a few per image anyway
 
 
 def patch_index_path(index: Path) -> Path:
@@ -579,7 +583,8 @@ def patch_index_for(dataset: h5py.Dataset, index: Path, factory: str | None,
     the `patch_faiss_*` attributes of its file; written like `index_for`'s. The default factory keeps each
     vector's code and id within `PATCH_BYTES`."""
     n, dim = int(dataset.shape[0]), int(dataset.shape[1])
-    vectors, info = build_vector_index(dataset, factory or choose_factory(n, dim, PATCH_BYTES), progress)
+    vectors, info = build_vector_index(dataset, factory or choose_factory(n, dim, PATCH_BYTES, PATCH_MEMORY),
+                                       progress, PATCH_RECALL)
     layer = str(dataset.name).rsplit("/", 1)[-1]
     return vectors, attributes(info, layer, patch_index_path(index), PATCH_PREFIX)
 
@@ -647,7 +652,8 @@ def rebuild_patches(index: Path, layer: str | None = None, factory: str | None =
         chosen = layer or reader.info.patch_layer or (reader.patch_names or [""])[0]
         dataset = reader.patches(chosen)  # a one-line error without patch vectors, or for another layer
         n, dim = int(dataset.shape[0]), int(dataset.shape[1])
-        vectors, info = build_vector_index(dataset, factory or choose_factory(n, dim, PATCH_BYTES), progress)
+        vectors, info = build_vector_index(dataset, factory or choose_factory(n, dim, PATCH_BYTES, PATCH_MEMORY),
+                                           progress, PATCH_RECALL)
     final = patch_index_path(index)
     write_vector_index(vectors, final)
     with h5py.File(index, "r+") as h5:  # a few small attributes, rewritten in place

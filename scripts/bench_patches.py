@@ -14,7 +14,7 @@ patch vectors as float16; `StoredVectors` hands back float32 rows), generated in
   * exact ground truth: the top-10 cosines of `--queries` held-out draws of the same mixture (not in the index),
     computed blockwise in numpy (float32 matmul of normalized queries and blocks, a running top-10), never as a
     faiss Flat over everything (4.9M x 512 float32 would take 10 GB); its time is printed;
-  * for each `--factory` (default `auto`: `choose_factory(n, dim, max_bytes=--max-bytes)`, e.g.
+  * for each `--factory` (default `auto`: `choose_factory(n, dim, --max-bytes, PATCH_MEMORY)`, e.g.
     `PCAR256,IVF1024,PQ64x4fs`): build time of `build_vector_index` (sampling, training, adding, calibration of
     nprobe and re-rank depth), the calibrated nprobe, re-rank factor and recall, recall@10 of `SimilarityIndex`
     (candidates re-ranked exactly on the float16 vectors, in memory here) searched in one batch, single-query
@@ -52,6 +52,8 @@ import numpy as np
 from bench_search import K, latencies_ms, mixture, recall_at_k, without_self
 
 from actindex.indexer.similarity import (
+    PATCH_MEMORY,
+    PATCH_RECALL,
     SimilarityIndex,
     StoredVectors,
     VectorSource,
@@ -232,7 +234,7 @@ def measure(name: str, x: VectorSource, factory: str, queries: np.ndarray, truth
             own: np.ndarray | None, with_sweep: bool = False) -> tuple[Row, list[SweepRow]]:
     """`truth`: exact top-K (top-(K + 1) with `own`, the queries' own row ids, excluded from both lists)."""
     print(f"  {name}: building '{factory}' ...", flush=True)
-    built, info = build_vector_index(x, factory)
+    built, info = build_vector_index(x, factory, target_recall=PATCH_RECALL)  # as the build calibrates
     if info.note:
         print(f"  note: {info.note}")
     index = SimilarityIndex(built, StoredVectors(x), info.rerank)
@@ -256,7 +258,7 @@ def measure(name: str, x: VectorSource, factory: str, queries: np.ndarray, truth
 
 def factories_for(requested: list[str], n: int, dim: int, max_bytes: int) -> list[str]:
     """`auto` -> choose_factory(n, dim, max_bytes); others as given; duplicates dropped, order kept."""
-    chosen = [choose_factory(n, dim, max_bytes=max_bytes) if f == "auto" else f for f in requested]
+    chosen = [choose_factory(n, dim, max_bytes, PATCH_MEMORY) if f == "auto" else f for f in requested]
     return list(dict.fromkeys(chosen))
 
 
@@ -295,7 +297,7 @@ def print_sweep(rows: list[SweepRow], max_bytes: int) -> None:
 
 def print_paper(max_bytes: int, overrides: list[str]) -> None:
     """ImageNet train on paper: index RAM (codes + ids) and float16 vectors on disk."""
-    print(f"On paper: ImageNet train ({IMAGENET_TRAIN:,} images), choose_factory(n, dim, max_bytes={max_bytes})")
+    print(f"On paper: ImageNet train ({IMAGENET_TRAIN:,} images), choose_factory(n, dim, {max_bytes}, 16 GB)")
     head = (f"{'positions':>9} {'dim':>5} {'vectors':>13} {'factory':<28} {'B/vector':>8} {'codes+ids GB':>12} "
             f"{'float16 GB':>10}")
     print(head)
@@ -304,7 +306,7 @@ def print_paper(max_bytes: int, overrides: list[str]) -> None:
         count = IMAGENET_TRAIN * positions
         side = round(positions ** 0.5)
         for dim in PAPER_DIMS:
-            factory = choose_factory(count, dim, max_bytes=max_bytes)
+            factory = choose_factory(count, dim, max_bytes, PATCH_MEMORY)
             per = code_bytes(factory, dim)
             print(f"{f'{side}x{side}':>9} {dim:>5} {count:>13,} {factory:<28} {per:>8} {per * count / 1e9:>12.1f} "
                   f"{2 * dim * count / 1e9:>10.1f}")
