@@ -191,7 +191,7 @@ def test_the_default_index_re_ranks_exactly_on_the_stored_vectors(tmp_path: Path
     x = mixture(40_000, 512, clusters=400, seed=5)  # 80 MB: past the exact regime
     x[[7, 99]] = np.nan
     index, info = build_vector_index(x)
-    assert info.factory == "PCAR256,IVF1024,PQ128x4fs" and info.rerank > 1 and info.nprobe is not None
+    assert info.factory == "PCAR256,IVF833,PQ128x4fs" and info.rerank > 1 and info.nprobe is not None  # 48 rows a list
     assert info.recall_at_10 is not None and info.recall_at_10 >= 0.95 and info.note == ""
     queries = mixture(200, 512, clusters=400, seed=5, draw_seed=7)
     expected_scores, expected = brute_force(x, queries, 10)
