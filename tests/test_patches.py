@@ -217,6 +217,10 @@ def test_cli_writes_the_picture_and_json(built: tuple[Path, Path, Path], tmp_pat
     text = CliRunner().invoke(main, ["similar", str(index), "--from-unit", "down:0:1", "--k", "3", "--out",
                                      str(tmp_path / "unit.png")])
     assert text.exit_code == 0 and "hit of unit down:0:1" in text.output and "#3" in text.output, text.output
+    described = CliRunner().invoke(main, ["info", str(index)])
+    assert described.exit_code == 0, described.output
+    assert "patch vectors block: 4464 x 8" in described.output, described.output  # 31 files x 12 x 12 positions
+    assert "patch index index.patches.faiss: IDMap2,Flat over " in described.output
 
 
 @pytest.mark.parametrize(("args", "message"), [
