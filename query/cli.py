@@ -205,9 +205,20 @@ def filters(index: Path | None, model: str | None, weights: str | None, layer: s
 @click.option("--class", "class_index", type=int, help="Maximize this class logit (the model's output) instead.")
 @click.option("--objective", type=click.Choice(["center", "mean"]), default="center", show_default=True,
               help="The unit at the centre position of its map, or its spatial mean.")
+@click.option("--direction", help="Maximize a direction instead of one unit: UNIT:WEIGHT,… over --layer's units "
+                                  "(e.g. the units 'similar --explain' names); --unit is then not needed.")
+@click.option("--negative", is_flag=True, help="Minimize the objective instead.")
+@click.option("--param", "parameterization", type=click.Choice(["fourier", "pixel"]),
+              help="fourier: a 1/f spectrum with decorrelated colours under random jitter, scale and rotation (lucid; "
+                   "the default); pixel: gradient ascent on pixels with blur and L2 decay (Yosinski et al.).")
+@click.option("--batch", type=int, help="Images optimized together (with --diversity, different facets).")
+@click.option("--diversity", type=float, help="Weight of the Gram-matrix dissimilarity between the batch's images.")
+@click.option("--no-decorrelate", is_flag=True, help="fourier: plain RGB instead of decorrelated colours.")
+@click.option("--index-colours", is_flag=True, help="fourier with --index: decorrelate with the colour covariance of "
+                                                    "the index's images instead of ImageNet's.")
 @click.option("--out", default="dream.png", show_default=True, type=click.Path(path_type=Path))
-@click.option("--steps", type=int, help="Gradient ascent steps.")
-@click.option("--lr", type=float, help="Step size, in normalized input units per pixel.")
+@click.option("--steps", type=int, help="Optimization steps.")
+@click.option("--lr", type=float, help="pixel: step size, in normalized input units per pixel.")
 @click.option("--blur-every", type=int, help="Gaussian blur after every N steps (0: never).")
 @click.option("--blur-sigma", type=float, help="Blur radius in pixels.")
 @click.option("--l2", "l2_decay", type=float, help="L2 decay per step.")
@@ -219,40 +230,59 @@ def filters(index: Path | None, model: str | None, weights: str | None, layer: s
 @click.option("--input-size", type=int, help="Image size. Default: the index's, else 224.")
 @click.option("--device", help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
 def dream(index: Path | None, model: str | None, weights: str | None, layer: str | None, unit: int | None,
-          class_index: int | None, objective: str, out: Path, steps: int | None, lr: float | None,
+          class_index: int | None, objective: str, direction: str | None, negative: bool,
+          parameterization: str | None, batch: int | None, diversity: float | None, no_decorrelate: bool,
+          index_colours: bool, out: Path, steps: int | None, lr: float | None,
           blur_every: int | None, blur_sigma: float | None, l2_decay: float | None, jitter: int | None,
           clip_norm: float | None, clip_contribution: float | None, seed: int, input_size: int | None,
           device: str | None) -> None:
-    """Synthesize an image that excites a unit (gradient ascent with Yosinski et al.'s regularizers)."""
+    """Synthesize an image that excites a unit, a direction or a class: by default lucid's Fourier
+    parameterization with transformation robustness; --param pixel for Yosinski et al.'s."""
     import dataclasses
 
+    import numpy as np
     from PIL import Image
 
     from actindex.kernels.errors import UserError
 
-    from .dream import DreamConfig
+    from .dream import DreamConfig, parse_direction
     from .dream import dream as run_dream
     from .render import save_png
 
+    weights_of = parse_direction(direction) if direction else ()
+    if weights_of:
+        unit = unit if unit is not None else weights_of[0][0]
     if (class_index is None) == (layer is None and unit is None) or (layer is None) != (unit is None):
-        raise UserError("give --layer L --unit U, or --class C")
+        raise UserError("give --layer L --unit U (or --direction), or --class C")
+    if index_colours and index is None:
+        raise UserError("--index-colours needs --index (the images whose colours to use)")
     target = _device(device)
     loaded, info = _model_for(index, model, weights, target)
     changes: dict[str, Any] = {key: value for key, value in (
         ("steps", steps), ("lr", lr), ("blur_every", blur_every), ("blur_sigma", blur_sigma),
         ("l2_decay", l2_decay), ("jitter", jitter), ("clip_norm_percentile", clip_norm),
-        ("clip_contribution_percentile", clip_contribution),
+        ("clip_contribution_percentile", clip_contribution), ("parameterization", parameterization),
+        ("batch", batch), ("diversity", diversity),
         ("input_size", input_size or (info.input_size if info else None))) if value is not None}
     config = dataclasses.replace(DreamConfig(), objective="logit" if class_index is not None else objective,
-                                 seed=seed, **changes)
+                                 seed=seed, negative=negative, decorrelate=not no_decorrelate,
+                                 direction=weights_of, **changes)
     mean, std = (info.mean, info.std) if info else (loaded.mean, loaded.std)
     chosen = class_index if class_index is not None else unit
     assert chosen is not None
-    result = run_dream(loaded.module, layer, chosen, mean, std, config, target)
-    save_png(Image.fromarray(result.image), out)
+    covariance = None
+    if index_colours and index is not None:
+        from .dream import index_colour_covariance
+
+        covariance = index_colour_covariance(index)
+    result = run_dream(loaded.module, layer, chosen, mean, std, config, target, covariance)
+    save_png(Image.fromarray(np.concatenate(result.images, axis=1)) if len(result.images) > 1 else
+             Image.fromarray(result.image), out)
     what = f"class {class_index}" + (f" ({loaded.categories[class_index]})" if class_index is not None and
                                      class_index < len(loaded.categories) else "") \
-        if class_index is not None else f"{layer} unit {unit} ({config.objective})"
+        if class_index is not None else f"{layer} direction {direction} ({config.objective})" if weights_of \
+        else f"{layer} unit {unit} ({config.objective})"
+    what += " minimized" if negative else ""
     click.echo(f"{what}: activation {result.start_activation:.4g} -> {result.activation:.4g} after "
                f"{config.steps} steps (seed {seed})")
     if index is not None and layer is not None and unit is not None:

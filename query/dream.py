@@ -1,34 +1,43 @@
-"""What image makes unit U of layer L fire most? Activation maximization by gradient ascent on the input,
-with the regularizers of Yosinski et al. 2015, "Understanding Neural Networks Through Deep Visualization".
+"""What image makes unit U of layer L fire most? Activation maximization by gradient ascent on the input, in one of
+two parameterizations:
 
-Conventions: the image is optimized in the network's normalized input space, x = (pixel - mean) / std with
-pixels in [0, 1], so 0 is the dataset's mean colour: L2 decay pulls towards it and clipping sets pixels to
-it, as in the paper's mean-subtracted images. Every step keeps x inside the normalized image of [0, 1].
-One image at a time (batch 1), `input_size` x `input_size` pixels.
+- "pixel": Yosinski et al. 2015, "Understanding Neural Networks Through Deep Visualization": the normalized pixels
+  themselves, with L2 decay, blur every few steps, clipping and jitter (rolls of the image);
+- "fourier": Olah et al. 2017, "Feature Visualization" (lucid, and its PyTorch port lucent): the image is the
+  inverse FFT of a learned spectrum scaled by 1/f^decay_power, its colours decorrelated by the square root of
+  ImageNet's colour covariance (or of the index's own images') and squashed to [0, 1] by a sigmoid, optimized by
+  Adam under random transformations (jitter, scale, rotation: `kernels.featurevis.random_transform`) each step.
 
-Objectives, for a layer output (1, C, H, W) or (1, C):
+Conventions: the network reads x = (pixel - mean) / std with pixels in [0, 1]. "pixel" optimizes x directly (0 is
+the dataset's mean colour: L2 decay pulls towards it and clipping sets pixels to it), kept inside the normalized
+image of [0, 1]; "fourier" optimizes a spectrum whose image is always in [0, 1]. `batch` images at once,
+`input_size` x `input_size` pixels.
+
+Objectives, for a layer output (B, C, H, W) or (B, C), per image:
 - "center": unit `unit` at the centre position (H // 2, W // 2) of its feature map, where its receptive
   field is least cut by the border;
 - "mean": its mean over all positions;
-- "logit": element `unit` of the model's (1, classes) output; `layer` must be None.
+- "logit": element `unit` of the model's (B, classes) output; `layer` must be None.
+With `direction` (weights w over the layer's units), the objective is Σ_i w_i · (unit i's objective): a channel
+direction such as the units `similar --explain` names. With `negative`, it is minimized. With `batch` > 1 and
+`diversity` > 0, the optimization also maximizes `diversity` times the mean Gram-matrix dissimilarity of the
+images' outputs at the layer (`kernels.featurevis.gram_dissimilarity`), so that one run shows several facets.
 
-One step: jitter (roll the image by a random offset), gradient of the objective, roll the gradient back,
-ascend, then the regularizers in the paper's order: L2 decay, blur, clip small-norm pixels, clip
-small-contribution pixels, and finally clamp to the valid range.
+Pixel step: jitter (roll by a random offset), gradient of the objective, roll the gradient back, ascend by `lr`
+times the gradient over its mean magnitude (per image: the raw gradient's scale differs by orders of magnitude
+between layers), then the regularizers in the paper's order: L2 decay, blur, clip small-norm pixels, clip
+small-contribution pixels, clamp to the valid range. Fourier step: a random transformation of the images, the
+objective, one Adam step on the spectrum (lr 0.05, as lucid).
 
-The step is `lr` times the gradient divided by its mean magnitude: the raw gradient's scale differs by
-orders of magnitude between layers and networks (Yosinski et al. tuned a learning rate per layer), while a
-normalized step is `lr` normalized-pixel units on average wherever the objective is read.
-
-All randomness (initial noise and jitter offsets) comes from one local generator seeded with `seed`: the
-global RNG is untouched and the same seed gives the same image (bitwise on the CPU).
+All randomness (initial noise or spectrum, jitter offsets, transformations) comes from one local generator seeded
+with `seed`: the global RNG is untouched and the same seed gives the same images (bitwise on the CPU).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,25 +47,47 @@ from actindex.indexer.images import Normalize
 from actindex.indexer.taps import first_tensor, layer_value
 from actindex.kernels.blur import gaussian_blur
 from actindex.kernels.errors import UserError, not_found
+from actindex.kernels.featurevis import (
+    IMAGENET_COLOR_SQRT,
+    decorrelated_to_rgb,
+    decorrelation_matrix,
+    fourier_image,
+    fourier_init,
+    gram_dissimilarity,
+    random_transform,
+)
 from actindex.kernels.freeze import frozen
 
 OBJECTIVES = ("center", "mean", "logit")
+PARAMETERIZATIONS = ("fourier", "pixel")
 INIT_STD = 0.1  # of the initial noise, in normalized units: a faint texture around the mean colour
+FOURIER_LR = 0.05  # Adam's step on the spectrum, as lucid
+FOURIER_SD = 0.01  # of the initial spectrum, as lucid
 
 
 @dataclass(frozen=True)
 class DreamConfig:
-    """Settings of one optimization; the defaults were tuned on ImageNet EfficientNet-Lite0 logits at 224 px."""
+    """Settings of one optimization. The defaults were chosen by scripts/bench_featurevis.py on ImageNet
+    EfficientNet-Lite0 (docs/BENCHMARKS.md); the pixel ones were tuned on its logits at 224 px."""
 
     objective: str = "center"  # "center", "mean" or "logit" (see the module docstring)
+    parameterization: str = "fourier"  # "fourier" (lucid) or "pixel" (Yosinski et al.)
     steps: int = 200
-    lr: float = 0.08  # mean step per pixel, normalized units (≈ 0.018 of the [0, 1] range)
-    blur_every: int = 5  # blur after steps 5, 10, …: a run of a multiple of 5 steps ends on a blurred image
-    blur_sigma: float = 0.8  # pixels
-    l2_decay: float = 1e-4  # x *= 1 - l2_decay each step
-    jitter: int = 8  # roll by up to this many pixels on each axis each step
-    clip_norm_percentile: float = 0.0  # zero pixels whose RGB norm is below this percentile (0 = off)
-    clip_contribution_percentile: float = 0.0  # zero pixels whose |Σ_rgb x·∇x| is below this percentile (0 = off)
+    lr: float = 0.08  # pixel: mean step per pixel, normalized units (≈ 0.018 of the [0, 1] range)
+    blur_every: int = 5  # pixel: blur after steps 5, 10, …: a run of a multiple of 5 steps ends on a blurred image
+    blur_sigma: float = 0.8  # pixel: pixels
+    l2_decay: float = 1e-4  # pixel: x *= 1 - l2_decay each step
+    jitter: int = 8  # pixel: roll by up to this many pixels on each axis; fourier: translate by up to this many
+    clip_norm_percentile: float = 0.0  # pixel: zero pixels whose RGB norm is below this percentile (0 = off)
+    clip_contribution_percentile: float = 0.0  # pixel: zero pixels whose |Σ_rgb x·∇x| is below it (0 = off)
+    decay_power: float = 1.0  # fourier: the spectrum's 1/f^decay_power scaling
+    decorrelate: bool = True  # fourier: colours through the square root of a colour covariance
+    scales: tuple[float, ...] = (1.0, 0.975, 1.025, 0.95, 1.05)  # fourier: random scale each step
+    angles: tuple[float, ...] = tuple(float(a) for a in range(-5, 6))  # fourier: random rotation, degrees
+    batch: int = 1  # images optimized together
+    diversity: float = 0.0  # weight of the Gram dissimilarity between the batch's images
+    negative: bool = False  # minimize the objective instead
+    direction: tuple[tuple[int, float], ...] = ()  # (unit, weight) pairs: their weighted sum is the objective
     seed: int = 0
     input_size: int = 224
 
@@ -64,24 +95,30 @@ class DreamConfig:
         """Raise UserError for settings that cannot run."""
         if self.objective not in OBJECTIVES:
             raise not_found("objective", self.objective, OBJECTIVES)
-        for name in ("steps", "lr", "blur_every", "blur_sigma", "jitter"):
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise not_found("parameterization", self.parameterization, PARAMETERIZATIONS)
+        for name in ("steps", "lr", "blur_every", "blur_sigma", "jitter", "diversity"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.input_size < 1:
-            raise UserError(f"input_size must be at least 1 pixel, got {self.input_size}")
+        if self.input_size < 1 or self.batch < 1:
+            raise UserError(f"input_size and batch must be at least 1, got {self.input_size} and {self.batch}")
         if not 0 <= self.l2_decay < 1:
             raise UserError(f"l2_decay must lie in [0, 1), got {self.l2_decay}")
         for name in ("clip_norm_percentile", "clip_contribution_percentile"):
             if not 0 <= getattr(self, name) < 100:
                 raise UserError(f"{name} must lie in [0, 100), got {getattr(self, name)}")
+        if not self.scales or any(scale <= 0 for scale in self.scales) or not self.angles:
+            raise UserError("scales must be positive and there must be at least one scale and one angle")
 
 
 @dataclass
 class DreamResult:
-    image: np.ndarray  # (H, W, 3) uint8, de-normalized for viewing
-    activation: float  # objective value reached on the final (un-jittered) image
-    start_activation: float  # objective on the initial image
-    history: list[float] = field(default_factory=list)  # objective per step, on that step's jittered input
+    image: np.ndarray  # (H, W, 3) uint8, the first image, de-normalized for viewing
+    activation: float  # objective value reached on the final (untransformed) first image
+    start_activation: float  # objective on the initial first image
+    history: list[float] = field(default_factory=list)  # objective per step (first image), on its transformed input
+    images: list[np.ndarray] = field(default_factory=list)  # all `batch` images
+    activations: list[float] = field(default_factory=list)  # each image's final objective
 
 
 def _forward(model: nn.Module, layer: str | None, x: torch.Tensor) -> torch.Tensor:
@@ -90,16 +127,27 @@ def _forward(model: nn.Module, layer: str | None, x: torch.Tensor) -> torch.Tens
     return first_tensor(model(x)) if layer is None else layer_value(model, layer, x)
 
 
-def _objective(output: torch.Tensor, objective: str, unit: int) -> torch.Tensor:
-    """Scalar objective of a batch-1 output (1, C, H, W) or (1, C)."""
-    if output.ndim == 2:  # (1, C): one position, centre and mean are the same
-        return output[0, unit]
+def objective_values(output: torch.Tensor, objective: str, unit: int,
+                     direction: Sequence[tuple[int, float]] = ()) -> torch.Tensor:
+    """(B,) objective of each image of an output (B, C, H, W) or (B, C): unit `unit`'s, or with `direction`
+    ((unit, weight) pairs) the weighted sum of those units' objectives."""
+    if direction:
+        weights = torch.zeros(output.shape[1], dtype=output.dtype, device=output.device)  # (C,)
+        for index, weight in direction:
+            weights[index] += weight
+        picked = output if output.ndim == 2 else (
+            output[:, :, output.shape[2] // 2, output.shape[3] // 2] if objective == "center"
+            else output.mean(dim=(2, 3)))  # (B, C)
+        return picked @ weights
+    if output.ndim == 2:  # (B, C): one position, centre and mean are the same
+        return output[:, unit]
     if objective == "center":
-        return output[0, unit, output.shape[2] // 2, output.shape[3] // 2]
-    return output[0, unit].mean()
+        return output[:, unit, output.shape[2] // 2, output.shape[3] // 2]
+    return output[:, unit].mean(dim=(1, 2))
 
 
-def _check_output(output: torch.Tensor, layer: str | None, unit: int) -> None:
+def _check_output(output: torch.Tensor, layer: str | None, unit: int,
+                  direction: Sequence[tuple[int, float]]) -> None:
     """Raise UserError for outputs without units to maximize, or a unit out of range."""
     where = f"layer '{layer}'" if layer is not None else "the model"
     if layer is None and output.ndim != 2:
@@ -108,9 +156,40 @@ def _check_output(output: torch.Tensor, layer: str | None, unit: int) -> None:
     if output.ndim not in (2, 4):
         raise UserError(f"{where} gives {output.ndim}-D outputs; choose a convolutional or linear layer")
     units = output.shape[1]
-    if not 0 <= unit < units:
-        name = layer if layer is not None else "the model output"
-        raise UserError(f"unit {unit} is out of range: {name} has {units} units (0-{units - 1})")
+    name = layer if layer is not None else "the model output"
+    for chosen in [index for index, _ in direction] if direction else [unit]:
+        if not 0 <= chosen < units:
+            raise UserError(f"unit {chosen} is out of range: {name} has {units} units (0-{units - 1})")
+
+
+def parse_direction(text: str) -> tuple[tuple[int, float], ...]:
+    """'UNIT:WEIGHT,…' (a bare UNIT weighs 1) -> ((unit, weight), …); a one-line error otherwise."""
+    pairs = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        unit, _, weight = part.partition(":")
+        try:
+            pairs.append((int(unit), float(weight) if weight else 1.0))
+        except ValueError:
+            raise UserError(f"--direction takes UNIT:WEIGHT,… (e.g. 12:0.5,40:0.3), got '{part}'") from None
+    if not pairs:
+        raise UserError("--direction needs at least one UNIT:WEIGHT")
+    return tuple(pairs)
+
+
+def index_colour_covariance(index: Path, images: int = 256) -> torch.Tensor:
+    """(3, 3) colour covariance of up to `images` of the index's images (evenly spaced ids, readable ones), as
+    the network sees them: what the fourier parameterization decorrelates with instead of ImageNet's."""
+    from actindex.kernels.featurevis import colour_covariance
+
+    from .index import Index
+
+    with Index(index) as opened:
+        skipped = {path for path, _ in opened.reader.skipped()}
+        paths = opened.reader.image_paths()
+        ids = [i for i in np.linspace(0, len(paths) - 1, min(images, len(paths))).round().astype(int).tolist()
+               if paths[i] not in skipped]
+        pixels = torch.stack([image.pixels for image in opened.images(sorted(set(ids)))])  # (N, 3, S, S) uint8
+    return colour_covariance(pixels)
 
 
 def clip_small_norm(x: torch.Tensor, percentile: float) -> torch.Tensor:
@@ -147,8 +226,12 @@ def _zero_smallest(x: torch.Tensor, score: torch.Tensor, percentile: float) -> t
 
 
 def dream(model: nn.Module, layer: str | None, unit: int, mean: Sequence[float], std: Sequence[float],
-          config: DreamConfig, device: torch.device | str = "cpu") -> DreamResult:
-    """Optimize an image to maximize `unit` of `layer` (or class logit `unit` when objective is "logit").
+          config: DreamConfig, device: torch.device | str = "cpu",
+          colour_covariance: torch.Tensor | None = None) -> DreamResult:
+    """Optimize `config.batch` images to maximize `unit` of `layer` (or class logit `unit` when objective is
+    "logit"; or `config.direction` over the layer's units). `colour_covariance` (3, 3): decorrelate the fourier
+    parameterization's colours with it (e.g. `kernels.featurevis.colour_covariance` of the index's images) instead
+    of ImageNet's.
 
     `model` must already be on `device`. It runs in eval mode with its parameters' requires_grad off, both
     restored afterwards.
@@ -160,37 +243,93 @@ def dream(model: nn.Module, layer: str | None, unit: int, mean: Sequence[float],
         raise UserError(f"objective '{config.objective}' needs a layer; or use objective 'logit' for a class")
     device = torch.device(device)
     normalize = Normalize(mean, std, device)
-    low, high = normalize.bounds()  # (1, 3, 1, 1) each: the valid range, normalized
-
     generator = torch.Generator().manual_seed(config.seed)  # CPU: same draws on every device
-    size = config.input_size
-    x = (torch.randn((1, 3, size, size), generator=generator) * INIT_STD).to(device)  # (1, 3, S, S)
-    x = torch.maximum(torch.minimum(x, high), low)
+    sign = -1.0 if config.negative else 1.0
+
+    def values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = _forward(model, layer, x)
+        return objective_values(output, config.objective, unit, config.direction), output
 
     with frozen(model), torch.enable_grad():
         with torch.no_grad():
-            first = _forward(model, layer, x)
-            _check_output(first, layer, unit)
-            start = float(_objective(first, config.objective, unit))
-        history: list[float] = []
-        for step in range(config.steps):
-            dy, dx = (int(v) for v in torch.randint(-config.jitter, config.jitter + 1, (2,), generator=generator))
-            shifted = torch.roll(x, shifts=(dy, dx), dims=(2, 3)).requires_grad_(True)  # (1, 3, S, S)
-            value = _objective(_forward(model, layer, shifted), config.objective, unit)
-            (grad,) = torch.autograd.grad(value, shifted)
-            grad = torch.roll(grad, shifts=(-dy, -dx), dims=(2, 3))  # back to x's pixel grid
-            history.append(float(value.detach()))
-            with torch.no_grad():
-                scale = grad.abs().mean()
-                if scale > 0 and math.isfinite(float(scale)):
-                    x = x + config.lr * grad / scale
-                x = x * (1 - config.l2_decay)
-                if config.blur_every and (step + 1) % config.blur_every == 0:
-                    x = gaussian_blur(x, config.blur_sigma)
-                x = clip_small_norm(x, config.clip_norm_percentile)
-                x = clip_small_contribution(x, grad, config.clip_contribution_percentile)
-                x = torch.maximum(torch.minimum(x, high), low)
+            probe = _forward(model, layer, normalize.bounds()[0].expand(1, 3, config.input_size, config.input_size))
+            _check_output(probe, layer, unit, config.direction)
+        run = _fourier if config.parameterization == "fourier" else _pixels
+        x, start, history = run(values, normalize, config, generator, sign, device, colour_covariance)
         with torch.no_grad():
-            final = float(_objective(_forward(model, layer, x), config.objective, unit))
-    return DreamResult(image=normalize.to_pixels(x), activation=final, start_activation=start,
-                       history=history)
+            final = values(x)[0]
+    pixels = [normalize.to_pixels(x[b:b + 1]) for b in range(len(x))]
+    return DreamResult(image=pixels[0], activation=float(final[0]), start_activation=start, history=history,
+                       images=pixels, activations=[float(v) for v in final])
+
+
+Values = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # normalized x -> (objective (B,), output)
+
+
+def _loss(objective: torch.Tensor, output: torch.Tensor, config: DreamConfig, sign: float) -> torch.Tensor:
+    """What gradient ascent maximizes: the batch's summed (signed) objective, plus the diversity term."""
+    total = sign * objective.sum()
+    if config.diversity and len(objective) > 1:
+        total = total + config.diversity * len(objective) * gram_dissimilarity(output.float())
+    return total
+
+
+def _pixels(values: Values, normalize: Normalize, config: DreamConfig, generator: torch.Generator, sign: float,
+            device: torch.device, _covariance: torch.Tensor | None) -> tuple[torch.Tensor, float, list[float]]:
+    """Yosinski et al.'s gradient ascent on the normalized pixels; returns (x, start objective, history)."""
+    low, high = normalize.bounds()  # (1, 3, 1, 1) each: the valid range, normalized
+    size = config.input_size
+    x = (torch.randn((config.batch, 3, size, size), generator=generator) * INIT_STD).to(device)  # (B, 3, S, S)
+    x = torch.maximum(torch.minimum(x, high), low)
+    with torch.no_grad():
+        start = float(values(x)[0][0])
+    history: list[float] = []
+    for step in range(config.steps):
+        dy, dx = (int(v) for v in torch.randint(-config.jitter, config.jitter + 1, (2,), generator=generator))
+        shifted = torch.roll(x, shifts=(dy, dx), dims=(2, 3)).requires_grad_(True)  # (B, 3, S, S)
+        objective, output = values(shifted)
+        (grad,) = torch.autograd.grad(_loss(objective, output, config, sign), shifted)
+        grad = torch.roll(grad, shifts=(-dy, -dx), dims=(2, 3))  # back to x's pixel grid
+        history.append(float(objective[0].detach()))
+        with torch.no_grad():
+            scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+            ok = (scale > 0) & torch.isfinite(scale)
+            x = x + torch.where(ok, config.lr * grad / torch.where(ok, scale, 1.0), 0.0)
+            x = x * (1 - config.l2_decay)
+            if config.blur_every and (step + 1) % config.blur_every == 0:
+                x = gaussian_blur(x, config.blur_sigma)
+            x = clip_small_norm(x, config.clip_norm_percentile)
+            x = clip_small_contribution(x, grad, config.clip_contribution_percentile)
+            x = torch.maximum(torch.minimum(x, high), low)
+    return x, start, history
+
+
+def _fourier(values: Values, normalize: Normalize, config: DreamConfig, generator: torch.Generator, sign: float,
+             device: torch.device, covariance: torch.Tensor | None) -> tuple[torch.Tensor, float, list[float]]:
+    """lucid's parameterization: Adam on a 1/f-scaled spectrum with decorrelated colours, under random
+    transformations; returns (normalized x of the final images, start objective, history)."""
+    size = config.input_size
+    spectrum = fourier_init(config.batch, size, size, FOURIER_SD, generator).to(device).requires_grad_(True)
+    matrix = decorrelation_matrix(covariance if covariance is not None else IMAGENET_COLOR_SQRT @ IMAGENET_COLOR_SQRT.T)
+    matrix = matrix.to(device)
+
+    def image() -> torch.Tensor:  # (B, 3, S, S) in [0, 1]
+        linear = fourier_image(spectrum, size, size, config.decay_power)
+        return decorrelated_to_rgb(linear, matrix) if config.decorrelate else torch.sigmoid(linear)
+
+    def normalized(rgb: torch.Tensor) -> torch.Tensor:
+        return (rgb - normalize.mean) / normalize.std  # (B, 3, S, S), differentiable
+
+    with torch.no_grad():
+        start = float(values(normalized(image()))[0][0])
+    optimizer = torch.optim.Adam([spectrum], lr=FOURIER_LR)
+    history: list[float] = []
+    for _ in range(config.steps):
+        optimizer.zero_grad()
+        seen = random_transform(image(), generator, config.jitter, config.scales, config.angles)  # (B, 3, S, S)
+        objective, output = values(normalized(seen))
+        (-_loss(objective, output, config, sign)).backward()
+        optimizer.step()
+        history.append(float(objective[0].detach()))
+    with torch.no_grad():
+        return normalized(image()), start, history

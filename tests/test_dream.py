@@ -18,7 +18,7 @@ from actindex.kernels.errors import UserError
 from actindex.query.dream import DreamConfig, DreamResult, clip_small_contribution, clip_small_norm, dream
 
 SIZE = 40
-FAST = DreamConfig(steps=12, input_size=SIZE, jitter=2, blur_every=4)
+FAST = DreamConfig(parameterization="pixel", steps=12, input_size=SIZE, jitter=2, blur_every=4)
 
 
 def tiny_cnn() -> nn.Module:
@@ -250,3 +250,79 @@ def test_bad_settings(model: nn.Module) -> None:
     with pytest.raises(UserError, match="clip_norm_percentile must lie in"):
         run(model, clip_norm_percentile=100.0)
     assert no_hooks_left(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fourier parameterization, directions, negative objectives, diverse batches
+
+FOURIER = replace(FAST, parameterization="fourier", steps=16, jitter=2)
+
+
+def fourier(model: nn.Module, layer: str | None = "conv3", unit: int = 3, **settings: object) -> DreamResult:
+    return dream(model, layer, unit, IMAGENET_MEAN, IMAGENET_STD, replace(FOURIER, **settings))
+
+
+def test_fourier_is_seeded_deterministic_and_leaves_the_global_rng(model: nn.Module) -> None:
+    state = torch.get_rng_state()
+    first, again, other = fourier(model), fourier(model), fourier(model, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first.image.shape == (SIZE, SIZE, 3) and first.image.dtype == np.uint8
+    assert np.array_equal(first.image, again.image) and first.history == again.history
+    assert not np.array_equal(first.image, other.image)
+
+
+@pytest.mark.parametrize(("objective", "layer", "unit", "gain"), [
+    ("center", "conv3", 3, 0.3), ("mean", "conv3", 5, 0.3), ("logit", None, 7, 0.01)])
+def test_fourier_objective_rises(model: nn.Module, objective: str, layer: str | None, unit: int, gain: float) -> None:
+    """The tiny net's logits hardly react to the smooth images a sigmoid-bounded 1/f spectrum makes: a smaller
+    gain for them, and a run the other way must fall."""
+    result = fourier(model, layer, unit, objective=objective, steps=24)
+    assert result.activation > result.start_activation + gain * abs(result.start_activation)
+    lowered = fourier(model, layer, unit, objective=objective, steps=24, negative=True)
+    assert lowered.activation < lowered.start_activation - gain * abs(lowered.start_activation)
+
+
+def test_a_direction_is_the_weighted_sum_of_its_units(model: nn.Module) -> None:
+    """Same seed, same initial image: the direction's start value is the weighted sum of each unit's."""
+    direction = ((2, 0.5), (5, -1.0), (9, 2.0))
+    for parameterization in ("pixel", "fourier"):
+        for objective in ("center", "mean"):
+            settings = dict(parameterization=parameterization, objective=objective, steps=0)
+            combined = run(model, "conv3", 0, direction=direction, **settings).start_activation
+            parts = sum(w * run(model, "conv3", u, **settings).start_activation for u, w in direction)
+            assert combined == pytest.approx(parts, rel=1e-5, abs=1e-6)
+    logits = run(model, None, 0, objective="logit", direction=((1, 1.0), (4, 3.0)), steps=0).start_activation
+    assert logits == pytest.approx(run(model, None, 1, objective="logit", steps=0).start_activation
+                                   + 3 * run(model, None, 4, objective="logit", steps=0).start_activation, rel=1e-5)
+    with pytest.raises(UserError, match=r"unit 16 is out of range: conv3 has 16 units"):
+        run(model, "conv3", 0, direction=((16, 1.0),))
+
+
+@pytest.mark.parametrize("parameterization", ["pixel", "fourier"])
+def test_negative_lowers_the_objective(model: nn.Module, parameterization: str) -> None:
+    result = run(model, "conv3", 3, parameterization=parameterization, negative=True, steps=16)
+    assert result.activation < result.start_activation - 0.3 * abs(result.start_activation)
+
+
+def test_a_diverse_batch_differs_more_than_an_independent_one(model: nn.Module) -> None:
+    from actindex.kernels.featurevis import gram_dissimilarity
+
+    def spread(result: DreamResult) -> float:
+        x = torch.stack([as_tensor(image)[0] for image in result.images])  # (B, 3, S, S)
+        x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        with torch.no_grad():
+            return float(gram_dissimilarity(model[:6](x)))
+
+    plain = fourier(model, batch=3, steps=24)
+    diverse = fourier(model, batch=3, steps=24, diversity=5.0)
+    assert len(diverse.images) == len(diverse.activations) == 3 and diverse.image is diverse.images[0]
+    assert spread(diverse) > 1.5 * spread(plain)
+
+
+def test_new_settings_are_checked(model: nn.Module) -> None:
+    with pytest.raises(UserError, match="unknown parameterization 'wavelet'"):
+        run(model, parameterization="wavelet")
+    with pytest.raises(UserError, match="batch must be at least 1"):
+        run(model, batch=0)
+    with pytest.raises(UserError, match="diversity must not be negative"):
+        run(model, diversity=-1.0)
