@@ -200,12 +200,17 @@ def pictures(index: Path, out: Path, device: str | None = None, echo: Echo = pri
     save_png(filter_grid(layer_weight(loaded.module, stem), scale=12), path)
     written.append(path)
     echo(f"  {path}: the {stem} filters, mid-grey = 0")
-    dreamed = dream(loaded.module, None, 967, info.mean, info.std, DreamConfig(objective="logit"), target)
-    path = out / "dream-espresso.png"
-    save_png(Image.fromarray(dreamed.image), path)
-    written.append(path)
-    echo(f"  {path}: gradient ascent on the 'espresso' logit from noise reaches {dreamed.activation:.3g} "
-         f"(the best photo in the index: {espresso_best:.3g})")
+    for parameterization, name, how in (
+            ("fourier", "dream-espresso.png", "a 1/f spectrum with decorrelated colours under random jitter, scale "
+             "and rotation (lucid's; the default)"),
+            ("pixel", "dream-espresso-pixel.png", "pixels with blur and L2 decay (Yosinski et al.)")):
+        config = DreamConfig(objective="logit", parameterization=parameterization)
+        dreamed = dream(loaded.module, None, 967, info.mean, info.std, config, target)
+        path = out / name
+        save_png(Image.fromarray(dreamed.image), path)
+        written.append(path)
+        echo(f"  {path}: the 'espresso' logit optimized from noise over {how} reaches {dreamed.activation:.3g} "
+             f"(the best photo in the index: {espresso_best:.3g})")
     query = paths.index(next(p for p in paths if p.startswith("camera/")))
     found = find_similar(index, image_id=query, k=6, device=target, explain=True)
     path = out / "similar-camera.png"

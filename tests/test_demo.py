@@ -58,7 +58,8 @@ def test_demo_runs_end_to_end(demo_run: tuple[Path, str]) -> None:
         assert reader.attrs["num_images"] == 2 * 19 + 1
     pictures = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")
                       if not p.relative_to(out).as_posix().startswith(("images/", "atlas/")))
-    assert pictures[:4] == ["chelsea.png", "dream-espresso.png", "filters.png", "similar-camera.png"]
+    assert pictures[:5] == ["chelsea.png", "dream-espresso-pixel.png", "dream-espresso.png", "filters.png",
+                            "similar-camera.png"]
     assert (out / "index.faiss").is_file() and (out / "index.patches.faiss").is_file()
     assert "similar-cat-eye.png" in pictures and "the 8 patches nearest to the cat's left eye" in text
     assert "units/classifier-unit285.png" in pictures and "units/classifier-unit967.png" in pictures
@@ -67,10 +68,11 @@ def test_demo_runs_end_to_end(demo_run: tuple[Path, str]) -> None:
     loaded = load_model(MODEL, str(out / 'efficientnet_lite0.safetensors'))
     mean = torch.tensor(loaded.mean).view(3, 1, 1)
     std = torch.tensor(loaded.std).view(3, 1, 1)
-    dreamed = Image.open(out / "dream-espresso.png").convert("RGB")
-    x = (torch.from_numpy(np.asarray(dreamed).copy()).permute(2, 0, 1).float() / 255 - mean) / std
-    with torch.inference_mode():
-        assert int(loaded.module(x.unsqueeze(0))[0].argmax()) == 967
+    for name in ("dream-espresso.png", "dream-espresso-pixel.png"):  # the Fourier dream and the pixel-space one
+        dreamed = Image.open(out / name).convert("RGB")
+        x = (torch.from_numpy(np.asarray(dreamed).copy()).permute(2, 0, 1).float() / 255 - mean) / std
+        with torch.inference_mode():
+            assert int(loaded.module(x.unsqueeze(0))[0].argmax()) == 967, name
 
 
 @pytest.mark.slow

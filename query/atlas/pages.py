@@ -226,9 +226,9 @@ def unit_page(plan: Plan, name: str, unit: int, sizes: dict[int, tuple[int, int]
     near = nearest_units(plan, name, unit)
     dream = ""
     if unit in plan.dreams.get(name, set()):
-        dream = (f'<h2>Dream</h2>\n<p>An input optimized to excite this unit (gradient ascent with blur, jitter and '
-                 f'L2 decay).</p>\n<img class="dream" src="../../{plan.unit_file(name, unit, "dream")}" '
-                 f'alt="dream of unit {unit}">')
+        dream = ('<h2>Dream</h2>\n<p>An input optimized to excite this unit (a 1/f Fourier spectrum with '
+                 'decorrelated colours, under random jitter, scale and rotation, as lucid).</p>\n'
+                 f'<img class="dream" src="../../{plan.unit_file(name, unit, "dream")}" alt="dream of unit {unit}">')
     unguided = unguided or {}
     note = ""
     if unguided:
