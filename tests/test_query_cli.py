@@ -63,7 +63,13 @@ def test_filters_of_a_deeper_layer_are_grey_per_input_channel(built: tuple[Path,
     (["filters", "--model", "tiny_models:tiny_net", "--layer", "head", "--out", "x.png"], "no convolution filters"),
     (["filters", "--model", "tiny_models:tiny_net", "--layer", "nope", "--out", "x.png"], "unknown layer 'nope'"),
     (["dream", "--model", "tiny_models:tiny_net", "--layer", "down", "--out", "x.png"],
-     "give --layer L --unit U, or --class C"),
+     r"give --layer L --unit U \(or --direction\), or --class C"),
+    (["dream", "--model", "tiny_models:tiny_net", "--layer", "down", "--direction", "3:x", "--out", "x.png"],
+     r"--direction takes UNIT:WEIGHT"),
+    (["dream", "--model", "tiny_models:tiny_net", "--layer", "down", "--direction", "2:1,40:0.5", "--steps", "2",
+      "--input-size", "48", "--out", "x.png"], r"unit 40 is out of range: down has 16 units"),
+    (["dream", "--model", "tiny_models:tiny_net", "--layer", "down", "--unit", "1", "--index-colours",
+      "--out", "x.png"], r"--index-colours needs --index"),
     (["dream", "--model", "tiny_models:tiny_net", "--layer", "down", "--unit", "99", "--steps", "2",
       "--input-size", "48", "--out", "x.png"], r"unit 99 is out of range: down has 16 units \(0-15\)"),
 ])
@@ -97,3 +103,23 @@ def test_dream_a_class_logit(built: tuple[Path, Path], tmp_path: Path) -> None:
     assert code == 0, output
     start, reached = (float(v) for v in output.split("activation ")[1].split(" after")[0].split(" -> "))
     assert reached > start
+
+
+def test_dream_options_a_diverse_negative_direction_with_the_index_colours(built: tuple[Path, Path],
+                                                                            tmp_path: Path) -> None:
+    index, _ = built
+    out = tmp_path / "batch.png"
+    code, output = run("dream", "--index", str(index), "--layer", "down", "--direction", "3:1,5:-0.5", "--batch",
+                       "2", "--diversity", "1", "--index-colours", "--steps", "6", "--out", str(out))
+    assert code == 0, output
+    assert "down direction 3:1,5:-0.5 (center): activation" in output
+    assert Image.open(out).size == (2 * SIZE, SIZE)  # the batch side by side
+    code, output = run("dream", "--index", str(index), "--layer", "down", "--direction", "3:1,5:-0.5",
+                       "--negative", "--steps", "12", "--out", str(out))
+    assert code == 0 and "(center) minimized: activation" in output, output
+    start, reached = (float(v) for v in output.split("activation ")[1].split(" after")[0].split(" -> "))
+    assert reached < start
+    pixel = tmp_path / "pixel.png"
+    code, output = run("dream", "--index", str(index), "--layer", "down", "--unit", "3", "--param", "pixel",
+                       "--steps", "6", "--out", str(pixel))
+    assert code == 0 and Image.open(pixel).size == (SIZE, SIZE), output
