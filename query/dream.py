@@ -77,7 +77,9 @@ class DreamConfig:
     blur_every: int = 5  # pixel: blur after steps 5, 10, …: a run of a multiple of 5 steps ends on a blurred image
     blur_sigma: float = 0.8  # pixel: pixels
     l2_decay: float = 1e-4  # pixel: x *= 1 - l2_decay each step
-    jitter: int = 8  # pixel: roll by up to this many pixels on each axis; fourier: translate by up to this many
+    # Pixels each step may shift the image by on each axis (pixel: a roll; fourier: a translation). None: 8 at 224
+    # px, in proportion to input_size (1 at 32 px): a fixed 8 would tear a small model's 32-pixel input apart.
+    jitter: int | None = None
     clip_norm_percentile: float = 0.0  # pixel: zero pixels whose RGB norm is below this percentile (0 = off)
     clip_contribution_percentile: float = 0.0  # pixel: zero pixels whose |Σ_rgb x·∇x| is below it (0 = off)
     decay_power: float = 1.0  # fourier: the spectrum's 1/f^decay_power scaling
@@ -91,15 +93,21 @@ class DreamConfig:
     seed: int = 0
     input_size: int = 224
 
+    @property
+    def shift(self) -> int:
+        """The jitter in pixels: `jitter`, or by default 8 at 224 px in proportion to the input size."""
+        return self.jitter if self.jitter is not None else max(1, round(8 * self.input_size / 224))
+
     def check(self) -> None:
         """Raise UserError for settings that cannot run."""
         if self.objective not in OBJECTIVES:
             raise not_found("objective", self.objective, OBJECTIVES)
         if self.parameterization not in PARAMETERIZATIONS:
             raise not_found("parameterization", self.parameterization, PARAMETERIZATIONS)
-        for name in ("steps", "lr", "blur_every", "blur_sigma", "jitter", "diversity"):
+        for name in ("steps", "lr", "blur_every", "blur_sigma", "shift", "diversity"):
             if getattr(self, name) < 0:
-                raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
+                shown = "jitter" if name == "shift" else name
+                raise UserError(f"{shown} must not be negative, got {getattr(self, name)}")
         if self.input_size < 1 or self.batch < 1:
             raise UserError(f"input_size and batch must be at least 1, got {self.input_size} and {self.batch}")
         if not 0 <= self.l2_decay < 1:
@@ -285,7 +293,7 @@ def _pixels(values: Values, normalize: Normalize, config: DreamConfig, generator
         start = float(values(x)[0][0])
     history: list[float] = []
     for step in range(config.steps):
-        dy, dx = (int(v) for v in torch.randint(-config.jitter, config.jitter + 1, (2,), generator=generator))
+        dy, dx = (int(v) for v in torch.randint(-config.shift, config.shift + 1, (2,), generator=generator))
         shifted = torch.roll(x, shifts=(dy, dx), dims=(2, 3)).requires_grad_(True)  # (B, 3, S, S)
         objective, output = values(shifted)
         (grad,) = torch.autograd.grad(_loss(objective, output, config, sign), shifted)
@@ -326,7 +334,7 @@ def _fourier(values: Values, normalize: Normalize, config: DreamConfig, generato
     history: list[float] = []
     for _ in range(config.steps):
         optimizer.zero_grad()
-        seen = random_transform(image(), generator, config.jitter, config.scales, config.angles)  # (B, 3, S, S)
+        seen = random_transform(image(), generator, config.shift, config.scales, config.angles)  # (B, 3, S, S)
         objective, output = values(normalized(seen))
         (-_loss(objective, output, config, sign)).backward()
         optimizer.step()

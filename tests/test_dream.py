@@ -326,3 +326,22 @@ def test_new_settings_are_checked(model: nn.Module) -> None:
         run(model, batch=0)
     with pytest.raises(UserError, match="diversity must not be negative"):
         run(model, diversity=-1.0)
+
+
+def test_a_32_pixel_model_dreams_with_a_jitter_in_proportion() -> None:
+    """Small-input models (lucent issue 10): the default jitter scales with the input (1 px at 32, 8 at 224), and
+    a CIFAR-sized network's unit and logit rise in both parameterizations."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        small = nn.Sequential(OrderedDict(
+            conv1=nn.Conv2d(3, 16, 3, padding=1), relu1=nn.ReLU(), conv2=nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            relu2=nn.ReLU(), conv3=nn.Conv2d(32, 32, 3, stride=2, padding=1), relu3=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(32, 10))).eval()
+    assert DreamConfig(input_size=32).shift == 1 and DreamConfig().shift == 8 and DreamConfig(jitter=3).shift == 3
+    for parameterization in ("fourier", "pixel"):
+        config = DreamConfig(parameterization=parameterization, input_size=32, steps=30)
+        unit = dream(small, "conv3", 4, IMAGENET_MEAN, IMAGENET_STD, config)
+        assert unit.image.shape == (32, 32, 3)
+        assert unit.activation > unit.start_activation + 0.3 * abs(unit.start_activation), parameterization
+        logit = dream(small, None, 2, IMAGENET_MEAN, IMAGENET_STD, replace(config, objective="logit"))
+        assert logit.activation > logit.start_activation, parameterization
