@@ -13,6 +13,7 @@
 #     (bare forward vs today's build vs the GPU-decode build, resnet18/resnet50/demo at fp32 and bf16).
 #   - patch search (issue 17): the crash/resume builds keep --patch-layer blocks.4 (compared bit for bit), a patch
 #     search with --explain on cuda, and bench_index's cost of writing resnet50 layer4's patch vectors.
+#   - dreams (issue 18): scripts/bench_featurevis.py on cuda (Fourier and pixel dreams, and lucent's if installed).
 # Usage, from the repository root with actindex installed (ACTINDEX names the command, PYTHON the interpreter):
 #   bash scripts/gpu_check.sh WORKDIR
 set -uo pipefail
@@ -110,4 +111,6 @@ seconds $ACTINDEX similar "$work/demo/index.h5" --image "$work/demo/chelsea.png"
 step "bench_index cuda with resnet50 layer4's patch vectors (b0/a without them)"
 $PYTHON scripts/bench_index.py --device cuda --model resnet50 --batch-size 256 --rounds 10 --jpegs 0 \
     --patch-layer layer4 --classes 0
+step "dreams on cuda: actindex's Fourier and pixel dreams beside lucent's (when installed) at 200 steps"
+$PYTHON scripts/bench_featurevis.py --device cuda --out "$work/featurevis-cuda.png" | tail -14
 step "done"
