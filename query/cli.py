@@ -208,9 +208,10 @@ def filters(index: Path | None, model: str | None, weights: str | None, layer: s
 @click.option("--direction", help="Maximize a direction instead of one unit: UNIT:WEIGHT,… over --layer's units "
                                   "(e.g. the units 'similar --explain' names); --unit is then not needed.")
 @click.option("--negative", is_flag=True, help="Minimize the objective instead.")
-@click.option("--param", "parameterization", type=click.Choice(["fourier", "pixel"]),
+@click.option("--param", "parameterization", type=click.Choice(["fourier", "pixel", "maco"]),
               help="fourier: a 1/f spectrum with decorrelated colours under random jitter, scale and rotation (lucid; "
-                   "the default); pixel: gradient ascent on pixels with blur and L2 decay (Yosinski et al.).")
+                   "the default); pixel: gradient ascent on pixels with blur and L2 decay (Yosinski et al.); maco: "
+                   "the spectrum's phase only, its magnitude fixed (Fel et al. 2023).")
 @click.option("--batch", type=int, help="Images optimized together (with --diversity, different facets).")
 @click.option("--diversity", type=float, help="Weight of the Gram-matrix dissimilarity between the batch's images.")
 @click.option("--no-decorrelate", is_flag=True, help="fourier: plain RGB instead of decorrelated colours.")

@@ -3,6 +3,9 @@ two parameterizations:
 
 - "pixel": Yosinski et al. 2015, "Understanding Neural Networks Through Deep Visualization": the normalized pixels
   themselves, with L2 decay, blur every few steps, clipping and jitter (rolls of the image);
+- "maco": Fel et al. 2023, "Unlocking Feature Visualization for Deeper Networks with MAgnitude Constrained
+  Optimization": as "fourier", but the spectrum's magnitude is fixed (1/f^decay_power) and only its phase is
+  learned, the image standardized before its colours; the image cannot drift into high-contrast textures;
 - "fourier": Olah et al. 2017, "Feature Visualization" (lucid, and its PyTorch port lucent): the image is the
   inverse FFT of a learned spectrum scaled by 1/f^decay_power, its colours decorrelated by the square root of
   ImageNet's colour covariance (or of the index's own images') and squashed to [0, 1] by a sigmoid, optimized by
@@ -35,6 +38,7 @@ with `seed`: the global RNG is untouched and the same seed gives the same images
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,12 +58,14 @@ from actindex.kernels.featurevis import (
     fourier_image,
     fourier_init,
     gram_dissimilarity,
+    maco_image,
     random_transform,
+    spectrum_scale,
 )
 from actindex.kernels.freeze import frozen
 
 OBJECTIVES = ("center", "mean", "logit")
-PARAMETERIZATIONS = ("fourier", "pixel")
+PARAMETERIZATIONS = ("fourier", "pixel", "maco")
 INIT_STD = 0.1  # of the initial noise, in normalized units: a faint texture around the mean colour
 FOURIER_LR = 0.05  # Adam's step on the spectrum, as lucid
 FOURIER_SD = 0.01  # of the initial spectrum, as lucid
@@ -71,7 +77,7 @@ class DreamConfig:
     EfficientNet-Lite0 (docs/BENCHMARKS.md); the pixel ones were tuned on its logits at 224 px."""
 
     objective: str = "center"  # "center", "mean" or "logit" (see the module docstring)
-    parameterization: str = "fourier"  # "fourier" (lucid) or "pixel" (Yosinski et al.)
+    parameterization: str = "fourier"  # "fourier" (lucid), "pixel" (Yosinski et al.) or "maco" (Fel et al.)
     steps: int = 200
     lr: float = 0.08  # pixel: mean step per pixel, normalized units (≈ 0.018 of the [0, 1] range)
     blur_every: int = 5  # pixel: blur after steps 5, 10, …: a run of a multiple of 5 steps ends on a blurred image
@@ -264,7 +270,7 @@ def dream(model: nn.Module, layer: str | None, unit: int, mean: Sequence[float],
         with torch.no_grad():
             probe = _forward(model, layer, normalize.bounds()[0].expand(1, 3, config.input_size, config.input_size))
             _check_output(probe, layer, unit, config.direction)
-        run = _fourier if config.parameterization == "fourier" else _pixels
+        run = {"fourier": _fourier, "pixel": _pixels, "maco": _maco}[config.parameterization]
         x, start, history = run(values, normalize, config, generator, sign, device, colour_covariance)
         with torch.no_grad():
             final = values(x)[0]
@@ -316,23 +322,53 @@ def _pixels(values: Values, normalize: Normalize, config: DreamConfig, generator
 
 def _fourier(values: Values, normalize: Normalize, config: DreamConfig, generator: torch.Generator, sign: float,
              device: torch.device, covariance: torch.Tensor | None) -> tuple[torch.Tensor, float, list[float]]:
-    """lucid's parameterization: Adam on a 1/f-scaled spectrum with decorrelated colours, under random
-    transformations; returns (normalized x of the final images, start objective, history)."""
+    """lucid's parameterization: a 1/f-scaled spectrum with decorrelated colours (`_adam` optimizes it)."""
     size = config.input_size
     spectrum = fourier_init(config.batch, size, size, FOURIER_SD, generator).to(device).requires_grad_(True)
-    matrix = decorrelation_matrix(covariance if covariance is not None else IMAGENET_COLOR_SQRT @ IMAGENET_COLOR_SQRT.T)
-    matrix = matrix.to(device)
+    matrix = _colour_matrix(covariance, device)
 
     def image() -> torch.Tensor:  # (B, 3, S, S) in [0, 1]
         linear = fourier_image(spectrum, size, size, config.decay_power)
         return decorrelated_to_rgb(linear, matrix) if config.decorrelate else torch.sigmoid(linear)
+
+    return _adam(values, normalize, config, generator, sign, spectrum, image)
+
+
+def _maco(values: Values, normalize: Normalize, config: DreamConfig, generator: torch.Generator, sign: float,
+          device: torch.device, covariance: torch.Tensor | None) -> tuple[torch.Tensor, float, list[float]]:
+    """MACO: the phases of a spectrum whose magnitude is fixed to 1/f^decay_power (no DC: the standardized image
+    has zero mean), colours as "fourier"'s (`_adam` optimizes the phases)."""
+    size = config.input_size
+    phase = (torch.rand((config.batch, 3, size, size // 2 + 1), generator=generator) * 2 - 1) * math.pi
+    phase = phase.to(device).requires_grad_(True)  # (B, 3, S, S // 2 + 1), uniform in [-π, π)
+    magnitude = spectrum_scale(size, size, config.decay_power).expand(3, -1, -1).clone()  # (3, S, S // 2 + 1)
+    magnitude[:, 0, 0] = 0
+    matrix = _colour_matrix(covariance, device)
+
+    def image() -> torch.Tensor:  # (B, 3, S, S) in [0, 1]
+        standardized = maco_image(phase, magnitude, size, size)
+        return decorrelated_to_rgb(standardized, matrix) if config.decorrelate else torch.sigmoid(standardized)
+
+    return _adam(values, normalize, config, generator, sign, phase, image)
+
+
+def _colour_matrix(covariance: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """(3, 3) decorrelation matrix of `covariance`, ImageNet's by default."""
+    chosen = covariance if covariance is not None else IMAGENET_COLOR_SQRT @ IMAGENET_COLOR_SQRT.T
+    return decorrelation_matrix(chosen).to(device)
+
+
+def _adam(values: Values, normalize: Normalize, config: DreamConfig, generator: torch.Generator, sign: float,
+          parameter: torch.Tensor, image: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, list[float]]:
+    """Adam (lr 0.05, as lucid) on `parameter`, each step seeing `image()` (B, 3, S, S in [0, 1]) through a
+    random transformation; returns (normalized x of the final images, start objective, history)."""
 
     def normalized(rgb: torch.Tensor) -> torch.Tensor:
         return (rgb - normalize.mean) / normalize.std  # (B, 3, S, S), differentiable
 
     with torch.no_grad():
         start = float(values(normalized(image()))[0][0])
-    optimizer = torch.optim.Adam([spectrum], lr=FOURIER_LR)
+    optimizer = torch.optim.Adam([parameter], lr=FOURIER_LR)
     history: list[float] = []
     for _ in range(config.steps):
         optimizer.zero_grad()

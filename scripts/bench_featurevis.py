@@ -64,6 +64,7 @@ CONFIGS: dict[str, dict[str, object]] = {
     "actindex-pixel": {"parameterization": "pixel"},  # Yosinski et al., actindex's method before the Fourier one
     "actindex": {},  # the defaults: lucid's Fourier parameterization
     "actindex-decay1.0": {"decay_power": 1.0},  # lucid's spectrum decay, to show why the default is 1.25
+    "actindex-maco": {"parameterization": "maco"},  # Fel et al.'s phase-only optimization (--param maco)
 }
 # Keywords that name the only behaviour of a DreamConfig without that field: dropped there instead of skipping.
 IMPLICIT = {("parameterization", "pixel")}

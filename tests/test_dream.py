@@ -262,30 +262,36 @@ def fourier(model: nn.Module, layer: str | None = "conv3", unit: int = 3, **sett
     return dream(model, layer, unit, IMAGENET_MEAN, IMAGENET_STD, replace(FOURIER, **settings))
 
 
-def test_fourier_is_seeded_deterministic_and_leaves_the_global_rng(model: nn.Module) -> None:
+@pytest.mark.parametrize("parameterization", ["fourier", "maco"])
+def test_fourier_is_seeded_deterministic_and_leaves_the_global_rng(model: nn.Module, parameterization: str) -> None:
     state = torch.get_rng_state()
-    first, again, other = fourier(model), fourier(model), fourier(model, seed=1)
+    first, again, other = (fourier(model, parameterization=parameterization, seed=seed) for seed in (0, 0, 1))
     assert torch.equal(torch.get_rng_state(), state)
     assert first.image.shape == (SIZE, SIZE, 3) and first.image.dtype == np.uint8
     assert np.array_equal(first.image, again.image) and first.history == again.history
     assert not np.array_equal(first.image, other.image)
 
 
+@pytest.mark.parametrize("parameterization", ["fourier", "maco"])
 @pytest.mark.parametrize(("objective", "layer", "unit", "gain"), [
     ("center", "conv3", 3, 0.3), ("mean", "conv3", 5, 0.3), ("logit", None, 7, 0.01)])
-def test_fourier_objective_rises(model: nn.Module, objective: str, layer: str | None, unit: int, gain: float) -> None:
+def test_fourier_objective_rises(model: nn.Module, objective: str, layer: str | None, unit: int, gain: float,
+                                 parameterization: str) -> None:
     """The tiny net's logits hardly react to the smooth images a sigmoid-bounded 1/f spectrum makes: a smaller
     gain for them, and a run the other way must fall."""
-    result = fourier(model, layer, unit, objective=objective, steps=24)
+    if parameterization == "maco":  # its image keeps a fixed magnitude and a zero mean: a unit's mean moves less
+        gain /= 2
+    result = fourier(model, layer, unit, objective=objective, steps=24, parameterization=parameterization)
     assert result.activation > result.start_activation + gain * abs(result.start_activation)
-    lowered = fourier(model, layer, unit, objective=objective, steps=24, negative=True)
+    lowered = fourier(model, layer, unit, objective=objective, steps=24, negative=True,
+                      parameterization=parameterization)
     assert lowered.activation < lowered.start_activation - gain * abs(lowered.start_activation)
 
 
 def test_a_direction_is_the_weighted_sum_of_its_units(model: nn.Module) -> None:
     """Same seed, same initial image: the direction's start value is the weighted sum of each unit's."""
     direction = ((2, 0.5), (5, -1.0), (9, 2.0))
-    for parameterization in ("pixel", "fourier"):
+    for parameterization in ("pixel", "fourier", "maco"):
         for objective in ("center", "mean"):
             settings = dict(parameterization=parameterization, objective=objective, steps=0)
             combined = run(model, "conv3", 0, direction=direction, **settings).start_activation
@@ -338,7 +344,7 @@ def test_a_32_pixel_model_dreams_with_a_jitter_in_proportion() -> None:
             relu2=nn.ReLU(), conv3=nn.Conv2d(32, 32, 3, stride=2, padding=1), relu3=nn.ReLU(),
             pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(32, 10))).eval()
     assert DreamConfig(input_size=32).shift == 1 and DreamConfig().shift == 8 and DreamConfig(jitter=3).shift == 3
-    for parameterization in ("fourier", "pixel"):
+    for parameterization in ("fourier", "pixel", "maco"):
         config = DreamConfig(parameterization=parameterization, input_size=32, steps=30)
         unit = dream(small, "conv3", 4, IMAGENET_MEAN, IMAGENET_STD, config)
         assert unit.image.shape == (32, 32, 3)
