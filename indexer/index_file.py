@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -22,6 +22,9 @@ from actindex.kernels.errors import UserError
 
 from .choices import Decoder, Precision
 
+if TYPE_CHECKING:
+    from actindex.kernels.receptive_field import LayerGeometry
+
 FORMAT_NAME = "actindex"
 FORMAT_VERSION = 1
 PATCH_PREFIX = "patch_faiss"  # root attributes of the patch vectors' FAISS file: patch_faiss_index, …
@@ -29,16 +32,82 @@ _STR = h5py.string_dtype("utf-8")
 
 
 @dataclass(frozen=True)
-class LayerHits:
-    """One layer's top-k table (or its lowest-k table), as stored."""
+class LayerGrid:
+    """A layer's feature grid and receptive field, as an index stores them (`/layers/<layer>`'s attributes, and
+    `/patches/<layer>`'s with --patch-layer). Position (y, x) sees the network-input pixels of its receptive field
+    (size, stride, padding per axis, as `kernels.receptive_field` defines them). With patch vectors, position (y, x)
+    of image i is row (and FAISS id) `i * height * width + y * width + x` of `/patches/<layer>`."""
 
-    name: str
+    layer: str
     channels: int
     height: int
     width: int
     rf_size: tuple[int, int]
     rf_stride: tuple[int, int]
     rf_padding: tuple[int, int]
+
+    @property
+    def positions(self) -> int:
+        return self.height * self.width
+
+    def ids(self, image: np.ndarray | int, y: np.ndarray | int, x: np.ndarray | int) -> np.ndarray:
+        """Row numbers (= FAISS ids) of positions (y, x) of images `image`, int64, broadcast."""
+        return (np.asarray(image, dtype=np.int64) * self.positions + np.asarray(y, dtype=np.int64) * self.width
+                + np.asarray(x, dtype=np.int64))
+
+    def unravel(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image, y, x) of row numbers `ids`, each int64."""
+        image, position = np.divmod(np.asarray(ids, dtype=np.int64), self.positions)
+        y, x = np.divmod(position, self.width)
+        return image, y, x
+
+    def field(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """(size, stride, padding) per axis, y then x, as `kernels.upsample` takes it."""
+        return ((self.rf_size[0], self.rf_stride[0], self.rf_padding[0]),
+                (self.rf_size[1], self.rf_stride[1], self.rf_padding[1]))
+
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where the receptive fields' centres lie on the network input, as continuous coordinates (pixel u spans
+        [u, u + 1)): rows (height,) and columns (width,) float64, y S - P + r / 2."""
+        (sy, ty, py), (sx, tx, px) = self.field()
+        return (np.arange(self.height) * ty - py + sy / 2, np.arange(self.width) * tx - px + sx / 2)
+
+    def boxes(self, y: np.ndarray, x: np.ndarray, input_size: int) -> np.ndarray:
+        """(..., 4) int32 (y0, x0, y1, x1) network-input boxes of positions (y, x), half-open, clipped."""
+        import torch
+
+        from actindex.kernels.receptive_field import AxisField, boxes
+
+        field = (AxisField(*self.field()[0]), AxisField(*self.field()[1]))
+        return boxes(field, torch.as_tensor(np.asarray(y)), torch.as_tensor(np.asarray(x)),
+                     (input_size, input_size)).numpy()
+
+    @classmethod
+    def of(cls, geometry: LayerGeometry) -> LayerGrid:
+        """The grid of a traced layer with a receptive field."""
+        if geometry.field is None:
+            raise ValueError(f"layer {geometry.name!r} has no receptive field: {geometry.note}")
+        fy, fx = geometry.field
+        return cls(geometry.name, geometry.channels, geometry.height, geometry.width, (fy.size, fx.size),
+                   (fy.stride, fx.stride), (fy.padding, fx.padding))
+
+    @classmethod
+    def from_attrs(cls, layer: str, attrs: Any) -> LayerGrid:
+        """Read back from a group's or dataset's attributes (`to_attrs`)."""
+        return cls(layer, int(attrs["channels"]), int(attrs["height"]), int(attrs["width"]),
+                   _stored_yx(attrs["rf_size"]), _stored_yx(attrs["rf_stride"]), _stored_yx(attrs["rf_padding"]))
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"channels": self.channels, "height": self.height, "width": self.width,
+                "rf_size": list(self.rf_size), "rf_stride": list(self.rf_stride),
+                "rf_padding": list(self.rf_padding)}
+
+
+@dataclass(frozen=True)
+class LayerHits:
+    """One layer's top-k table (or its lowest-k table), as stored, with the layer's grid."""
+
+    grid: LayerGrid
     value: np.ndarray  # (C, k) float32, descending per row (the lowest-k: ascending), NaN in empty slots
     image: np.ndarray  # (C, k) int64, -1 in empty slots
     y: np.ndarray  # (C, k) int32
@@ -164,63 +233,6 @@ class FaissRecord:
 
 
 @dataclass(frozen=True)
-class PatchGrid:
-    """The feature positions of a patch layer (`--patch-layer`): each one's vector is a row of
-    `/patches/<layer>`, and its row number, which is also its FAISS id, is `image * height * width + y * width +
-    x`. Position (y, x) sees the network-input pixels of its receptive field (size, stride, padding per axis, as
-    `kernels.receptive_field` defines them)."""
-
-    layer: str
-    channels: int
-    height: int
-    width: int
-    rf_size: tuple[int, int]
-    rf_stride: tuple[int, int]
-    rf_padding: tuple[int, int]
-
-    @property
-    def positions(self) -> int:
-        return self.height * self.width
-
-    def ids(self, image: np.ndarray | int, y: np.ndarray | int, x: np.ndarray | int) -> np.ndarray:
-        """Row numbers (= FAISS ids) of positions (y, x) of images `image`, int64, broadcast."""
-        return (np.asarray(image, dtype=np.int64) * self.positions + np.asarray(y, dtype=np.int64) * self.width
-                + np.asarray(x, dtype=np.int64))
-
-    def unravel(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(image, y, x) of row numbers `ids`, each int64."""
-        image, position = np.divmod(np.asarray(ids, dtype=np.int64), self.positions)
-        y, x = np.divmod(position, self.width)
-        return image, y, x
-
-    def field(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        """(size, stride, padding) per axis, y then x, as `kernels.upsample` takes it."""
-        return ((self.rf_size[0], self.rf_stride[0], self.rf_padding[0]),
-                (self.rf_size[1], self.rf_stride[1], self.rf_padding[1]))
-
-    def centres(self) -> tuple[np.ndarray, np.ndarray]:
-        """Where the receptive fields' centres lie on the network input, as continuous coordinates (pixel u spans
-        [u, u + 1)): rows (height,) and columns (width,) float64, y S - P + r / 2."""
-        (sy, ty, py), (sx, tx, px) = self.field()
-        return (np.arange(self.height) * ty - py + sy / 2, np.arange(self.width) * tx - px + sx / 2)
-
-    def boxes(self, y: np.ndarray, x: np.ndarray, input_size: int) -> np.ndarray:
-        """(..., 4) int32 (y0, x0, y1, x1) network-input boxes of positions (y, x), half-open, clipped."""
-        import torch
-
-        from actindex.kernels.receptive_field import AxisField, boxes
-
-        field = (AxisField(*self.field()[0]), AxisField(*self.field()[1]))
-        return boxes(field, torch.as_tensor(np.asarray(y)), torch.as_tensor(np.asarray(x)),
-                     (input_size, input_size)).numpy()
-
-    def to_attrs(self) -> dict[str, Any]:
-        return {"channels": self.channels, "height": self.height, "width": self.width,
-                "rf_size": list(self.rf_size), "rf_stride": list(self.rf_stride),
-                "rf_padding": list(self.rf_padding)}
-
-
-@dataclass(frozen=True)
 class BuildRecord:
     """How and when the index was built (informational attributes)."""
 
@@ -332,7 +344,7 @@ class IndexWriter:
         return self.h5.create_dataset(f"embeddings/{name}", shape=(rows, dim), dtype="<f4", fillvalue=np.nan,
                                       fill_time="never")
 
-    def create_patches(self, grid: PatchGrid, images: int) -> h5py.Dataset:
+    def create_patches(self, grid: LayerGrid, images: int) -> h5py.Dataset:
         """The (N * H * W, C) little-endian float16 patch vectors, contiguous like the embeddings (read by row at
         its offset), with the grid's shape and receptive field as attributes."""
         dataset = self.h5.create_dataset(f"patches/{grid.layer}", shape=(images * grid.positions, grid.channels),
@@ -363,11 +375,10 @@ class IndexWriter:
         """The layer's group, its attributes and its top-k table; with `lowest`, its lowest-k table in the
         subgroup `bottom` (after the top-k's), in the same layout."""
         if lowest:
-            group = self.h5.create_group(f"layers/{hits.name}/bottom")
+            group = self.h5.create_group(f"layers/{hits.grid.layer}/bottom")
         else:
-            group = self.h5.create_group(f"layers/{hits.name}")
-            group.attrs.update(channels=hits.channels, height=hits.height, width=hits.width,
-                               rf_size=hits.rf_size, rf_stride=hits.rf_stride, rf_padding=hits.rf_padding)
+            group = self.h5.create_group(f"layers/{hits.grid.layer}")
+            group.attrs.update(hits.grid.to_attrs())
         group.create_dataset("value", data=hits.value.astype(np.float32))
         group.create_dataset("image", data=hits.image.astype(np.int64))
         group.create_dataset("y", data=hits.y.astype(np.int32))
@@ -488,14 +499,8 @@ class IndexReader:
             raise UserError(f"'{self.path}' keeps no lowest responses (it was built without --bottom-k); rebuild it "
                             "with --bottom-k K to keep each unit's K lowest-scoring images")
         table = group["bottom"] if lowest else group
-        a = group.attrs
-        return LayerHits(
-            name=name, channels=int(a["channels"]), height=int(a["height"]), width=int(a["width"]),
-            rf_size=_stored_yx(a["rf_size"]), rf_stride=_stored_yx(a["rf_stride"]),
-            rf_padding=_stored_yx(a["rf_padding"]),
-            value=table["value"][()], image=table["image"][()], y=table["y"][()], x=table["x"][()],
-            box=table["box"][()],
-        )
+        return LayerHits(grid=LayerGrid.from_attrs(name, group.attrs), value=table["value"][()],
+                         image=table["image"][()], y=table["y"][()], x=table["x"][()], box=table["box"][()])
 
     def layer_mean(self, name: str) -> np.ndarray | None:
         """(C,) each unit's mean score over the readable images; None for indexes that do not record it."""
@@ -568,7 +573,7 @@ class IndexReader:
     def patch_names(self) -> list[str]:
         return list(self.h5["patches"].keys()) if "patches" in self.h5 else []
 
-    def patch_grid(self, name: str) -> PatchGrid:
+    def patch_grid(self, name: str) -> LayerGrid:
         """The grid of layer `name`'s stored patch vectors; a one-line error when the index has none."""
         if name not in self.patch_names:
             if not self.patch_names:
@@ -577,9 +582,7 @@ class IndexReader:
             from actindex.kernels.errors import not_found
 
             raise not_found("patch layer", name, self.patch_names, hint=f"'{self.path}' stores patches of these")
-        a = self.h5[f"patches/{name}"].attrs
-        return PatchGrid(name, int(a["channels"]), int(a["height"]), int(a["width"]), _stored_yx(a["rf_size"]),
-                         _stored_yx(a["rf_stride"]), _stored_yx(a["rf_padding"]))
+        return LayerGrid.from_attrs(name, self.h5[f"patches/{name}"].attrs)
 
     def patches(self, name: str) -> h5py.Dataset:
         """The (N * H * W, C) float16 dataset itself (`patch_grid` gives its row numbers)."""

@@ -20,7 +20,7 @@ from .checkpoint import image_list_hash
 from .choices import Decoder, Precision
 from .distributed import local_world_size
 from .images import DEFAULT_MAX_PIXELS, ImageList, scan_folder
-from .index_file import PatchGrid, check_output
+from .index_file import LayerGrid, check_output
 from .layers import addressable_layers, check_indexable, resolve_layers
 from .models import LoadedModel, load_model
 from .precision import Numerics, choose_numerics
@@ -89,7 +89,7 @@ class BuildPlan:
     geometry: dict[str, LayerGeometry]  # the indexed layers, in order
     embed_layer: str | None
     embed_dim: int  # 0 without an embedding layer
-    patch_grid: PatchGrid | None  # --patch-layer's positions and receptive field; None: off
+    patch_grid: LayerGrid | None  # --patch-layer's positions and receptive field; None: off
     images: ImageList
     device: torch.device
     mean: tuple[float, float, float]
@@ -155,7 +155,7 @@ def _embedding_dim(loaded: LoadedModel, geometry: dict[str, LayerGeometry], embe
 
 
 def _patch_grid(config: BuildConfig, loaded: LoadedModel, geometry: dict[str, LayerGeometry],
-                device: torch.device) -> PatchGrid | None:
+                device: torch.device) -> LayerGrid | None:
     """--patch-layer's grid: a layer with a (C, H, W) output and a receptive field, indexed or not."""
     name = config.patch_layer
     if not name:
@@ -173,9 +173,7 @@ def _patch_grid(config: BuildConfig, loaded: LoadedModel, geometry: dict[str, La
         why = "one vector per image, no positions" if layer.layout == "C" else layer.note
         raise UserError(f"--patch-layer '{name}' has no feature positions with receptive fields ({why}); choose a "
                         "convolutional layer with a spatial map, such as the last indexed stage")
-    fy, fx = layer.field
-    return PatchGrid(name, layer.channels, layer.height, layer.width, (fy.size, fx.size), (fy.stride, fx.stride),
-                     (fy.padding, fx.padding))
+    return LayerGrid.of(layer)
 
 
 def shard_ranges(n: int, batch_size: int, world_size: int) -> list[tuple[int, int]]:

@@ -579,7 +579,7 @@ def patch_index_path(index: Path) -> Path:
 
 def patch_index_for(dataset: h5py.Dataset, index: Path, factory: str | None,
                     progress: Progress | None = None) -> tuple[Any, dict[str, Any]]:
-    """The FAISS index over the (N * H * W, C) patch vectors `dataset` (ids = row numbers = `PatchGrid.ids`), and
+    """The FAISS index over the (N * H * W, C) patch vectors `dataset` (ids = row numbers = `LayerGrid.ids`), and
     the `patch_faiss_*` attributes of its file; written like `index_for`'s. The default factory keeps each
     vector's code and id within `PATCH_BYTES`."""
     n, dim = int(dataset.shape[0]), int(dataset.shape[1])

@@ -26,7 +26,7 @@ from . import jpeg
 from .accumulate import IndexAccumulator
 from .atomic import atomic_path
 from .choices import Decoder
-from .index_file import PATCH_PREFIX, IndexWriter, LayerHits, check_output
+from .index_file import PATCH_PREFIX, IndexWriter, LayerGrid, LayerHits, check_output
 from .plan import BuildPlan
 from .rows import EMBEDDING, PATCHES, RowFile
 from .similarity import NONE, index_for, patch_index_for, patch_index_path, vector_index_path, write_vector_index
@@ -114,13 +114,8 @@ def layer_hits(geometry: LayerGeometry, result: TopKResult, input_size: int) -> 
     y, x = unravel(result.positions.cpu(), geometry.width)  # (C, k) each
     box = boxes(geometry.field, y, x, (input_size, input_size))  # (C, k, 4)
     box = box.masked_fill((result.ids.cpu() < 0).unsqueeze(-1), -1)
-    fy, fx = geometry.field
-    return LayerHits(
-        name=geometry.name, channels=geometry.channels, height=geometry.height, width=geometry.width,
-        rf_size=(fy.size, fx.size), rf_stride=(fy.stride, fx.stride), rf_padding=(fy.padding, fx.padding),
-        value=result.values.cpu().numpy(), image=result.ids.cpu().numpy(), y=y.numpy(), x=x.numpy(),
-        box=box.numpy(),
-    )
+    return LayerHits(grid=LayerGrid.of(geometry), value=result.values.cpu().numpy(), image=result.ids.cpu().numpy(),
+                     y=y.numpy(), x=x.numpy(), box=box.numpy())
 
 
 def _attrs(plan: BuildPlan, world_size: int, skipped: int, seconds: float) -> dict[str, object]:

@@ -273,8 +273,8 @@ def tour(index: Path, echo: Echo = print) -> None:
             if name == LOGIT_LAYER:
                 continue
             layer = reader.layer(name)
-            echo(f"\nLayer {name}: {layer.channels} units, receptive field {layer.rf_size[0]} px, "
-                 f"stride {layer.rf_stride[0]}. Units whose top {layer.image.shape[1]} images share one photo:")
+            echo(f"\nLayer {name}: {layer.grid.channels} units, receptive field {layer.grid.rf_size[0]} px, "
+                 f"stride {layer.grid.rf_stride[0]}. Units whose top {layer.image.shape[1]} images share one photo:")
             for unit, photo, count in _pure_units(layer.image, paths)[:3]:
                 best = int(layer.image[unit][0])
                 y0, x0, y1, x1 = (int(v) for v in layer.box[unit][0])

@@ -10,16 +10,9 @@ import numpy as np
 import torch
 
 from actindex.indexer.images import CropGeometry
-from actindex.indexer.index_file import LayerHits
 from actindex.kernels.upsample import feature_coordinates, sample_maps, upsample_to_input
 
-Field = tuple[tuple[int, int, int], tuple[int, int, int]]  # (size, stride, padding) along y, then x
-
-
-def layer_field(hits: LayerHits) -> Field:
-    """A stored layer's receptive field, as `kernels.upsample` takes it."""
-    return ((hits.rf_size[0], hits.rf_stride[0], hits.rf_padding[0]),
-            (hits.rf_size[1], hits.rf_stride[1], hits.rf_padding[1]))
+Field = tuple[tuple[int, int, int], tuple[int, int, int]]  # (size, stride, padding) along y, then x: LayerGrid.field()
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from actindex.kernels.errors import UserError
 
 from .attribution import DEFAULT, Method, Settings, attribute_methods
 from .loading import LoadedImage, query_numerics
-from .maps import UnitMaps, layer_field
+from .maps import UnitMaps
 from .sanity import SanityResult, sanity_check
 from .unit import profile_json
 
@@ -104,9 +104,9 @@ def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None, lowest
     maps of `settings.methods`; with `sanity` > 0, the cascading-randomization check in that many steps."""
     settings.check(layer)
     hits, info, device = opened.layer(layer, lowest), opened.info, opened.device
-    if not 0 <= unit < hits.channels:
-        raise UserError(f"unit {unit} is out of range: layer '{layer}' has {hits.channels} units "
-                        f"(0-{hits.channels - 1})")
+    if not 0 <= unit < hits.grid.channels:
+        raise UserError(f"unit {unit} is out of range: layer '{layer}' has {hits.grid.channels} units "
+                        f"(0-{hits.grid.channels - 1})")
     available = int((hits.image[unit] >= 0).sum())
     if available == 0:
         raise UserError(f"unit {unit} of layer '{layer}' has no hits in the index (no readable images)")
@@ -142,8 +142,8 @@ def unit_hits(opened: Index, layer: str, unit: int, k: int | None = None, lowest
                         box, geometry.to_original(box), (geometry.height, geometry.width)))  # type: ignore[arg-type]
     distribution = opened.reader.distribution(layer, unit)
     level = None if distribution is None or lowest else distribution.quantiles[0.99]
-    maps = UnitMaps(result.unit_maps.cpu().numpy(), layer_field(hits), input_size, level)
-    return NeuronResult(opened.path, layer, unit, hits.channels, input_size, hits.rf_size, rows, images,
+    maps = UnitMaps(result.unit_maps.cpu().numpy(), hits.grid.field(), input_size, level)
+    return NeuronResult(opened.path, layer, unit, hits.grid.channels, input_size, hits.grid.rf_size, rows, images,
                         {m: t.numpy() for m, t in result.maps.items()}, maps, result.unguided, distribution,
                         opened.reader.unit_classes(layer, unit), lowest, checked,
                         settings.cam_layer if Method.GRAD_CAM in settings.methods else None)

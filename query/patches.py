@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actindex.indexer.index_file import PatchGrid
+from actindex.indexer.index_file import LayerGrid
 from actindex.indexer.similarity import SimilarityIndex, normalize
 from actindex.kernels.errors import UserError
 
@@ -113,7 +113,7 @@ class UnitHit:
         return f"{self.layer}:{self.unit}:{self.rank}"
 
 
-def box_positions(grid: PatchGrid, box: tuple[float, float, float, float]) -> tuple[list[tuple[int, int]], bool]:
+def box_positions(grid: LayerGrid, box: tuple[float, float, float, float]) -> tuple[list[tuple[int, int]], bool]:
     """The positions whose receptive-field centres lie in `box` (network-input coordinates, continuous, half-open),
     row-major; along an axis without one, the position nearest to the box's centre. Returns (positions, nearest)."""
     centre_y, centre_x = grid.centres()
@@ -129,7 +129,7 @@ def box_positions(grid: PatchGrid, box: tuple[float, float, float, float]) -> tu
     return [(int(y), int(x)) for y in chosen[0] for x in chosen[1]], nearest
 
 
-def image_vectors(opened: Index, grid: PatchGrid, image: LoadedImage, image_id: int | None) -> np.ndarray:
+def image_vectors(opened: Index, grid: LayerGrid, image: LoadedImage, image_id: int | None) -> np.ndarray:
     """(H * W, C) float32: an indexed image's stored patch vectors, or a new image's computed by the network."""
     if image_id is not None:
         rows = opened.reader.patches(grid.layer)[image_id * grid.positions:(image_id + 1) * grid.positions]
@@ -223,8 +223,8 @@ def find_patches(index: Path, image: Path | None = None, image_id: int | None = 
 def _unit_hit(opened: Index, hit: UnitHit) -> tuple[int, tuple[float, float, float, float]]:
     """The image id of a unit's hit and its receptive-field box on the network input."""
     table = opened.layer(hit.layer)
-    if not 0 <= hit.unit < table.channels:
-        raise UserError(f"--from-unit {hit}: layer '{hit.layer}' has units 0-{table.channels - 1}")
+    if not 0 <= hit.unit < table.grid.channels:
+        raise UserError(f"--from-unit {hit}: layer '{hit.layer}' has units 0-{table.grid.channels - 1}")
     if hit.rank > table.image.shape[1] or table.image[hit.unit, hit.rank - 1] < 0:
         kept = int((table.image[hit.unit] >= 0).sum())
         raise UserError(f"--from-unit {hit}: the index keeps {kept} hits of this unit (ranks 1-{kept})")
@@ -238,7 +238,7 @@ def _round_out(box: tuple[float, float, float, float], size: int) -> Box:
             min(max(int(np.ceil(y1)), 0), size), min(max(int(np.ceil(x1)), 0), size))
 
 
-def nearest_patches(similarity: SimilarityIndex, query: np.ndarray, k: int, per_image: int, grid: PatchGrid,
+def nearest_patches(similarity: SimilarityIndex, query: np.ndarray, k: int, per_image: int, grid: LayerGrid,
                     exclude: int | None = None) -> list[tuple[int, int, int, float]]:
     """The best k (image, y, x, score) for the (1, C) `query`, at most `per_image` from one image and none from
     image `exclude`: asks the index for more results until k are kept or it has no more."""
@@ -262,7 +262,7 @@ def nearest_patches(similarity: SimilarityIndex, query: np.ndarray, k: int, per_
         fetch = min(total, fetch * 4)
 
 
-def strongest_positions(vectors: np.ndarray, grid: PatchGrid, count: int = 3) -> list[tuple[int, int]]:
+def strongest_positions(vectors: np.ndarray, grid: LayerGrid, count: int = 3) -> list[tuple[int, int]]:
     """An image's `count` positions with the longest vectors (L2; NaN as 0), each at least two positions (along y
     or x) from those chosen before it, so that they show different parts of the image; strongest first."""
     norms = np.linalg.norm(np.nan_to_num(np.asarray(vectors, dtype=np.float32)), axis=1)  # (H*W,)

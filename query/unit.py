@@ -88,13 +88,13 @@ def unit_summary(index: Path, layer: str, unit: int, k: int | None = None, class
         raise UserError(f"--k must be at least 1, got {k}")
     with IndexReader(index) as reader:
         hits = reader.layer(layer)
-        if not 0 <= unit < hits.channels:
-            raise UserError(f"unit {unit} is out of range: layer '{layer}' has {hits.channels} units "
-                            f"(0-{hits.channels - 1})")
+        if not 0 <= unit < hits.grid.channels:
+            raise UserError(f"unit {unit} is out of range: layer '{layer}' has {hits.grid.channels} units "
+                            f"(0-{hits.grid.channels - 1})")
         mean = reader.layer_mean(layer)
         lowest = reader.layer(layer, lowest=True) if reader.info.bottom_k > 0 else None
         return UnitSummary(
-            reader.path, layer, unit, hits.channels,
+            reader.path, layer, unit, hits.grid.channels,
             None if mean is None or not np.isfinite(mean[unit]) else float(mean[unit]),
             reader.distribution(layer, unit), reader.unit_classes(layer, unit, top=classes),
             _images(reader, hits, unit, k), None if lowest is None else _images(reader, lowest, unit, k))

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import faiss
 import h5py
 import numpy as np
-from bench_search import K, latencies_ms, mixture, recall_at_k, without_self
+from bench_search import K, Measured, latencies_ms, mixture, recall_at_k, without_self
 
 from actindex.indexer.similarity import (
     PATCH_MEMORY,
@@ -75,18 +75,9 @@ BLOCK = 65536  # rows per block: 64 MB of float16 at 512 dims, 128 MB once float
 
 
 @dataclass
-class Row:
-    name: str
-    n: int
-    dim: int
-    factory: str
-    nprobe: int | None
-    rerank: int
-    build_s: float
-    calibrated_recall: float | None
-    recall: float
-    p50_ms: float
-    p99_ms: float
+class Row(Measured):
+    """Measured, with the FAISS file's size."""
+
     file_bytes: int
 
     @property
@@ -272,15 +263,11 @@ def code_bytes(factory: str, dim: int) -> int:
 
 
 def print_table(rows: list[Row], max_bytes: int) -> None:
-    head = (f"{'data':<18} {'n':>9} {'dim':>5} {'factory':<28} {'nprobe':>6} {'rerank':>6} {'build s':>8} "
-            f"{'calib r@10':>10} {'recall@10':>9} {'p50 ms':>7} {'p99 ms':>7} {'B/vector':>8} {'targets':>7}")
+    head = Measured.header(18, 28) + f" {'B/vector':>8} {'targets':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        calib = f"{r.calibrated_recall:.3f}" if r.calibrated_recall is not None else "exact"
-        print(f"{r.name:<18} {r.n:>9} {r.dim:>5} {r.factory:<28} {r.nprobe or '-':>6} {r.rerank:>6} "
-              f"{r.build_s:>8.1f} {calib:>10} {r.recall:>9.3f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} "
-              f"{r.bytes_per_vector:>8.1f} {'met' if r.meets(max_bytes) else 'MISSED':>7}")
+        print(r.cells(18, 28) + f" {r.bytes_per_vector:>8.1f} {'met' if r.meets(max_bytes) else 'MISSED':>7}")
 
 
 def print_sweep(rows: list[SweepRow], max_bytes: int) -> None:

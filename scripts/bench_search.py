@@ -42,7 +42,10 @@ K = 10
 
 
 @dataclass
-class Row:
+class Measured:
+    """One vector index measured: what was built, its build time, recall@10 and single-query latency
+    (bench_patches.py measures its indexes with these too)."""
+
     name: str
     n: int
     dim: int
@@ -54,6 +57,25 @@ class Row:
     recall: float
     p50_ms: float
     p99_ms: float
+
+    @staticmethod
+    def header(name: int = 16, factory: int = 26) -> str:
+        """The shared columns' titles; `name` and `factory` are those columns' widths."""
+        return (f"{'data':<{name}} {'n':>9} {'dim':>5} {'factory':<{factory}} {'nprobe':>6} {'rerank':>6} "
+                f"{'build s':>8} {'calib r@10':>10} {'recall@10':>9} {'p50 ms':>7} {'p99 ms':>7}")
+
+    def cells(self, name: int = 16, factory: int = 26) -> str:
+        """This row's shared columns, under `header`."""
+        calib = f"{self.calibrated_recall:.3f}" if self.calibrated_recall is not None else "exact"
+        return (f"{self.name:<{name}} {self.n:>9} {self.dim:>5} {self.factory:<{factory}} {self.nprobe or '-':>6} "
+                f"{self.rerank:>6} {self.build_s:>8.1f} {calib:>10} {self.recall:>9.3f} {self.p50_ms:>7.2f} "
+                f"{self.p99_ms:>7.2f}")
+
+
+@dataclass
+class Row(Measured):
+    """Measured, with exact (Flat) search's latency beside it."""
+
     flat_p50_ms: float
     flat_p99_ms: float
     flat_queries: int
@@ -133,16 +155,11 @@ def demo_sets(path: str) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = (f"{'data':<16} {'n':>9} {'dim':>5} {'factory':<26} {'nprobe':>6} {'rerank':>6} {'build s':>8} "
-            f"{'calib r@10':>10} "
-            f"{'recall@10':>9} {'p50 ms':>7} {'p99 ms':>7} {'flat p50':>8} {'flat p99':>8} {'speedup':>7}")
+    head = Measured.header() + f" {'flat p50':>8} {'flat p99':>8} {'speedup':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        calib = f"{r.calibrated_recall:.3f}" if r.calibrated_recall is not None else "exact"
-        print(f"{r.name:<16} {r.n:>9} {r.dim:>5} {r.factory:<26} {r.nprobe or '-':>6} {r.rerank:>6} {r.build_s:>8.1f} "
-              f"{calib:>10} {r.recall:>9.3f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.flat_p50_ms:>8.2f} "
-              f"{r.flat_p99_ms:>8.2f} {r.flat_p50_ms / r.p50_ms:>6.1f}x")
+        print(r.cells() + f" {r.flat_p50_ms:>8.2f} {r.flat_p99_ms:>8.2f} {r.flat_p50_ms / r.p50_ms:>6.1f}x")
 
 
 def main() -> None:

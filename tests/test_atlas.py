@@ -99,7 +99,7 @@ def test_every_layer_and_unit_has_its_page_and_tile_and_every_hit_image_its_page
     for name, hits in tables.items():
         assert (site / "layers" / f"{name}.html").is_file()
         layer_links = links(site / "layers" / f"{name}.html")
-        for unit in range(hits.channels):
+        for unit in range(hits.grid.channels):
             assert f"../units/{name}/{unit}.html" in layer_links
             count = int((hits.image[unit] >= 0).sum())
             for rank in range(count):
@@ -118,7 +118,7 @@ def test_patches_are_the_original_images_cut_at_the_recorded_box(built: tuple[Pa
         hits = reader.layer("down")
         paths = reader.image_paths()
     sources = set()
-    for unit in range(hits.channels):
+    for unit in range(hits.grid.channels):
         for rank in range(4):
             original = Image.open(data / paths[hits.image[unit, rank]]).convert("RGB")
             y0, x0, y1, x1 = (int(v) for v in hits.box[unit, rank])
@@ -153,7 +153,7 @@ def test_layer_tiles_carry_maximum_and_mean_for_sorting(built: tuple[Path, Path,
         hits, mean = reader.layer("down"), reader.layer_mean("down")
     text = (site / "layers" / "down.html").read_text()
     found = re.findall(r'data-unit="(\d+)" data-max="([^"]+)" data-mean="([^"]+)"', text)
-    assert [int(u) for u, _, _ in found] == list(range(hits.channels))
+    assert [int(u) for u, _, _ in found] == list(range(hits.grid.channels))
     assert mean is not None
     assert [float(m) for _, m, _ in found] == hits.value[:, 0].astype(float).tolist()
     assert [float(m) for _, _, m in found] == mean.tolist()
@@ -493,7 +493,7 @@ def test_kill_9_of_a_worker_from_outside_never_leaves_the_atlas_waiting(built: t
     stdout, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr
     with IndexReader(slow) as reader:
-        units = sum(reader.layer(name).channels for name in LAYERS)
+        units = sum(reader.layer(name).grid.channels for name in LAYERS)
     assert len(list((out / "units").rglob("*.html"))) == units
 
 

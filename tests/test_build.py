@@ -113,7 +113,7 @@ def test_every_value_id_position_and_box_equals_brute_force(data: Path, weights:
             np.testing.assert_allclose(layer.value, expected["value"], rtol=1e-5, atol=1e-5, err_msg=name)
             assert np.array_equal(layer.y, expected["y"]) and np.array_equal(layer.x, expected["x"]), name
             field = FIELDS[name]
-            assert (layer.rf_size, layer.rf_stride, layer.rf_padding) == tuple(
+            assert (layer.grid.rf_size, layer.grid.rf_stride, layer.grid.rf_padding) == tuple(
                 (field[0][i], field[1][i]) for i in range(3)), name
             boxes = [[expected_box(y, x, field) for y, x in zip(ys, xs, strict=True)]
                      for ys, xs in zip(layer.y, layer.x, strict=True)]
@@ -257,8 +257,7 @@ def test_patch_vectors_are_every_position_of_the_layer_and_skipped_rows_are_nan(
         stored = reader.patches("block")[()]
         table = reader.layer("block")
         assert reader.info.patch_layer == "block" and reader.describe()["patches"] == {"block": [len(paths) * 144, 8]}
-    assert (grid.height, grid.width, grid.channels) == (table.height, table.width, table.channels) == (12, 12, 8)
-    assert (grid.rf_size, grid.rf_stride, grid.rf_padding) == (table.rf_size, table.rf_stride, table.rf_padding)
+    assert grid == table.grid and (grid.height, grid.width, grid.channels) == (12, 12, 8)  # one grid, stored twice
     assert stored.dtype == np.float16 and stored.shape == (len(paths) * grid.positions, 8)
     for i, m in enumerate(maps["block"]):
         rows = stored[grid.ids(i, 0, 0):grid.ids(i, 0, 0) + grid.positions]

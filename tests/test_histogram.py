@@ -119,7 +119,7 @@ def test_a_build_stores_the_histogram_of_every_unit_s_scores(built: tuple[Path, 
         for name in LAYERS:
             counts = f[f"layers/{name}/hist"][()]  # (C, BINS)
             hits = reader.layer(name)
-            assert counts.shape == (hits.channels, BINS) and (counts.sum(axis=1) == readable).all()
+            assert counts.shape == (hits.grid.channels, BINS) and (counts.sum(axis=1) == readable).all()
             top_bins = bin_index(torch.from_numpy(hits.value[:, 0])).numpy()  # the best score's bin, per unit
             highest = BINS - 1 - np.argmax((counts[:, ::-1] > 0), axis=1)  # highest occupied bin, per unit
             assert np.array_equal(top_bins, highest), name

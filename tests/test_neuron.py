@@ -108,7 +108,7 @@ def test_patches_come_from_the_original_when_it_is_sharper(built: tuple[Path, Pa
     with IndexReader(index) as reader:
         big = reader.image_paths().index("class0/big.png")
         down = reader.layer("down")
-    unit = next(u for u in range(down.channels) if big in down.image[u].tolist())
+    unit = next(u for u in range(down.grid.channels) if big in down.image[u].tolist())
     result = query_neuron(index, "down", unit)
     rank = [h.image_id for h in result.hits].index(big)
     hit = result.hits[rank]
@@ -186,8 +186,8 @@ def test_activation_maps_and_masks_against_brute_force(built: tuple[Path, Path, 
     scores = np.array([float(reference_pass(data, p, weights, layer, unit, 0, 0)[1].max()) for p in paths])
     level = float(arrays["level"])
     assert level == pytest.approx(np.quantile(scores, 0.99, method="inverted_cdf"), rel=0.0078)
-    (size_y, size_x), (stride_y, stride_x) = stored.rf_size, stored.rf_stride
-    pad_y, pad_x = stored.rf_padding
+    (size_y, size_x), (stride_y, stride_x) = stored.grid.rf_size, stored.grid.rf_stride
+    pad_y, pad_x = stored.grid.rf_padding
     for rank, hit in enumerate(hits):
         _, brute = reference_pass(data, hit["path"], weights, layer, unit, *hit["position"])
         np.testing.assert_allclose(arrays["activation"][rank], brute.numpy(), rtol=1e-5, atol=1e-6)

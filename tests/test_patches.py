@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from actindex.indexer.index_file import IndexReader, PatchGrid
+from actindex.indexer.index_file import IndexReader, LayerGrid
 from actindex.indexer.similarity import patch_index_path
 from actindex.kernels.errors import UserError
 from actindex.kernels.receptive_field import trace_geometry
@@ -69,7 +69,7 @@ def stored_query(index: Path, image: int, positions: list[tuple[int, int]]) -> n
     return vectors[[grid.ids(image, y, x) for y, x in positions]].mean(axis=0)
 
 
-def centre_box(grid: PatchGrid, geometry, y: int, x: int) -> tuple[float, float, float, float]:  # noqa: ANN001
+def centre_box(grid: LayerGrid, geometry, y: int, x: int) -> tuple[float, float, float, float]:  # noqa: ANN001
     """A one-pixel box on the original image around the receptive-field centre of (y, x)."""
     cy, cx = grid.centres()
     oy = (cy[y] + geometry.offset_y) * geometry.height / geometry.resized_height

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actindex.indexer.index_file import IndexInfo, IndexReader, PatchGrid, UnitClasses
+from actindex.indexer.index_file import IndexInfo, IndexReader, LayerGrid, UnitClasses
 from actindex.indexer.signals import describe, stops_raise
 from actindex.kernels.errors import Interrupted, UserError, not_found
 from actindex.kernels.overlap import nearest_by_overlap
@@ -138,7 +138,7 @@ def build_atlas(config: AtlasConfig, progress: bool = False, *, fault: AtlasFaul
         layers = {name: Layer(reader.layer(name), "", reader.layer_mean(name), reader.layer_profile(name))
                   for name in manifest.layers}
         layers = _with_slugs(layers)
-        channels = {name: layers[name].hits.channels for name in chosen}
+        channels = {name: layers[name].hits.grid.channels for name in chosen}
         requested = parse_units(config.units, channels) if config.units else \
             {name: set(range(count)) for name, count in channels.items()}
         for name, units in requested.items():
@@ -303,7 +303,7 @@ def _patch_links(info: IndexInfo, reader: IndexReader, image_pages: list[int], b
     return links
 
 
-def _input_box(grid: PatchGrid, y: int, x: int, size: int) -> tuple[int, int, int, int]:
+def _input_box(grid: LayerGrid, y: int, x: int, size: int) -> tuple[int, int, int, int]:
     y0, x0, y1, x1 = (int(v) for v in grid.boxes(np.array(y), np.array(x), size))
     return y0, x0, y1, x1
 
@@ -316,7 +316,7 @@ def _tasks(plan: Plan, manifest: SiteManifest) -> list[Task]:
         todo = [u for u in sorted(pages) if not plan.unit_done(name, u)]
         for group in _groups(todo, lambda u: u // UNITS_PER_TASK):
             tasks.append(Task("units", name, group))
-        channels = plan.layers[name].hits.channels
+        channels = plan.layers[name].hits.grid.channels
         tiles = [u for u in range(channels) if u not in pages and plan.hit_count(name, u) > 0
                  and not (plan.site / plan.unit_file(name, u, "p0")).is_file()]
         for group in _groups(tiles, lambda u: u // TILES_PER_TASK):

@@ -48,7 +48,7 @@ def crumbs(depth: int, *parts: tuple[str, str | None]) -> str:
 
 def rf_text(plan: Plan, layer: str) -> str:
     hits = plan.layers[layer].hits
-    (ry, rx), (sy, sx) = hits.rf_size, hits.rf_stride
+    (ry, rx), (sy, sx) = hits.grid.rf_size, hits.grid.rf_stride
     size = f"{ry} px" if ry == rx else f"{ry}×{rx} px"
     stride = f"{sy}" if sy == sx else f"{sy}×{sx}"
     return f"receptive field {size}, stride {stride}"
@@ -81,10 +81,10 @@ def front_page(plan: Plan) -> str:
     info = plan.info
     rows = []
     for name, layer in plan.layers.items():
-        hits = layer.hits
+        grid = layer.hits.grid
         pages = len(plan.pages.get(name, ()))
-        rows.append(f'<tr><td><a href="{plan.layer_url(name)}">{esc(name)}</a></td><td>{hits.channels}</td>'
-                    f"<td>{hits.height}×{hits.width}</td><td>{esc(rf_text(plan, name))}</td><td>{pages}</td></tr>")
+        rows.append(f'<tr><td><a href="{plan.layer_url(name)}">{esc(name)}</a></td><td>{grid.channels}</td>'
+                    f"<td>{grid.height}×{grid.width}</td><td>{esc(rf_text(plan, name))}</td><td>{pages}</td></tr>")
     base = plan.index.parent
     record = info.build
     facts = [("model", info.model), ("weights", shown_path(info.weights, base) or "random (seed 0)"),
@@ -141,10 +141,11 @@ def layer_page(plan: Plan, name: str) -> str:
     controls = (f'<div class="controls" hidden><label>sort by <select id="sort">{sorts}</select></label> '
                 '<label>unit <input id="find" type="search" inputmode="numeric" placeholder="number" '
                 f'size="8"></label> <span id="shown"></span></div>')
-    tiles = "\n".join(tile(plan, name, unit, 1) for unit in range(hits.channels))
+    tiles = "\n".join(tile(plan, name, unit, 1) for unit in range(hits.grid.channels))
     mean_note = "" if layer.mean is not None else " (this index records no means: rebuild it to sort by mean)"
     body = (f"{crumbs(1, (name, None))}\n<h1>{esc(name)}</h1>\n"
-            f"<p>{hits.channels} units · feature map {hits.height}×{hits.width} · {esc(rf_text(plan, name))} · "
+            f"<p>{hits.grid.channels} units · feature map {hits.grid.height}×{hits.grid.width} · "
+            f"{esc(rf_text(plan, name))} · "
             f"{len(plan.pages.get(name, ()))} unit pages. Each tile is the unit's best patch and its maximum "
             f"activation{mean_note}.</p>\n{controls}\n"
             f'<div class="tiles" id="tiles">\n{tiles}\n</div>')
@@ -237,7 +238,7 @@ def unit_page(plan: Plan, name: str, unit: int, sizes: dict[int, tuple[int, int]
                 "unchanged, so these maps are only partly guided.</p>")
     body = (f"{crumbs(2, (name, plan.layer_url(name)), (f'unit {unit}', None))}\n"
             f"<h1>{esc(name)} · unit {unit}</h1>\n"
-            f'<p>{hits.channels} units in this layer · {esc(rf_text(plan, name))} · '
+            f'<p>{hits.grid.channels} units in this layer · {esc(rf_text(plan, name))} · '
             f'<span class="steps">{" ".join(steps)}</span></p>\n'
             f"{profile_section(plan, name, unit)}"
             f"<h2>Top {count} images</h2>\n<p>Each hit: the patch the unit sees, its "

@@ -159,7 +159,7 @@ class Layer:
 
     @property
     def name(self) -> str:
-        return self.hits.name
+        return self.hits.grid.layer
 
 
 @dataclass(frozen=True)

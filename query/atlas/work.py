@@ -27,7 +27,7 @@ from actindex.kernels.errors import UserError
 from ..attribution import attribute_methods
 from ..dream import DreamConfig, dream
 from ..loading import LoadedImage, data_root, load_index_images, load_index_model, query_numerics
-from ..maps import UnitMaps, layer_field
+from ..maps import UnitMaps
 from ..neuron import check_reproduced
 from ..render import activation_pictures, map_image, patch
 from .plan import Plan
@@ -164,7 +164,7 @@ class Worker:
                 for method, values in attributions.items():
                     crop = map_image(values[row][:, y0:y1, x0:x1])
                     self.save(shrink(crop, PATCH), plan.unit_file(layer, unit, plan.method_file(method, rank)))
-                unit_maps = UnitMaps(maps[row:row + 1], layer_field(hits), plan.info.input_size,
+                unit_maps = UnitMaps(maps[row:row + 1], hits.grid.field(), plan.info.input_size,
                                      plan.layers[layer].level(unit))
                 overlay, mask = activation_pictures(unit_maps, 0, image, float(hits.value[unit, 0]), MAP)
                 self.save(overlay, plan.unit_file(layer, unit, f"a{rank}"))
@@ -180,7 +180,7 @@ class Worker:
 
     def dream(self, layer: str, unit: int) -> Image.Image:
         hits = self.plan.layers[layer].hits
-        objective = "center" if hits.height * hits.width > 1 else "mean"
+        objective = "center" if hits.grid.height * hits.grid.width > 1 else "mean"
         config = DreamConfig(objective=objective, steps=self.dream_steps, input_size=self.plan.info.input_size)
         try:
             result = dream(self.model, layer, unit, self.plan.info.mean, self.plan.info.std, config,
